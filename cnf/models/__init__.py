@@ -1,0 +1,100 @@
+"""Model families: a name → (config schema, validator, builder) registry."""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass
+from typing import Any
+
+from cnf.divergence import build_divergence
+from cnf.models.base import EvalOutput, GenerativeModel, LossOutput
+from cnf.models.ffjord import FFJORD, FFJORDSchema, SolverSchema, build_ffjord, solver_from
+from cnf.nets import ACTIVATIONS, LAYERS
+
+__all__ = [
+    "MODELS",
+    "EvalOutput",
+    "FFJORD",
+    "GenerativeModel",
+    "LossOutput",
+    "ModelSpec",
+    "SolverSchema",
+    "build_model",
+    "solver_from",
+]
+
+
+@dataclass(frozen=True)
+class ModelSpec:
+    """How a family is configured and built.
+
+    ``validate(model_cfg)`` raises ``ValueError("key: message")`` for bad
+    choices before anything is built or written; ``build(cfg, event_shape)``
+    receives the whole resolved config.
+    """
+
+    schema: type
+    validate: Callable[[Mapping[str, Any]], None]
+    build: Callable[[Mapping[str, Any], tuple[int, ...]], GenerativeModel]
+
+
+def check_choice(key: str, value: str, valid: Any) -> None:
+    if value not in valid:
+        raise ValueError(f"{key}: unknown value '{value}'; valid: {', '.join(sorted(valid))}")
+
+
+def check_solver(key: str, cfg: Mapping[str, Any]) -> None:
+    try:
+        solver_from(cfg)
+    except ValueError as e:
+        raise ValueError(f"{key}: {e}") from None
+
+
+def _validate_ffjord(m: Mapping[str, Any]) -> None:
+    check_choice("model.layer", m["layer"], LAYERS)
+    check_choice("model.activation", m["activation"], ACTIVATIONS)
+    check_choice("model.divergence", m["divergence"], ("exact", "hutchinson"))
+    check_choice("model.probe", m["probe"], ("gaussian", "rademacher"))
+    check_solver("model.solver", m["solver"])
+    if not m["hidden_dims"] or any(h < 1 for h in m["hidden_dims"]):
+        raise ValueError("model.hidden_dims: needs one or more positive widths")
+    if m["num_blocks"] < 1:
+        raise ValueError("model.num_blocks: must be >= 1")
+    if m["time_length"] <= 0:
+        raise ValueError("model.time_length: must be > 0")
+    if m["kinetic"] < 0 or m["jacobian"] < 0:
+        raise ValueError("model.kinetic/model.jacobian: RNODE weights must be >= 0")
+
+
+def eval_divergence_from(cfg: Mapping[str, Any], dim: int):
+    ev = cfg["eval"]
+    name = ev["divergence"]
+    if name == "auto":
+        name = "exact" if dim <= ev["exact_max_dim"] else "hutchinson"
+    return build_divergence(name, probe=ev["probe"], num_probes=ev["num_probes"])
+
+
+def _build_ffjord(cfg: Mapping[str, Any], event_shape: tuple[int, ...]) -> GenerativeModel:
+    dim = 1
+    for s in event_shape:
+        dim *= s
+    return build_ffjord(
+        cfg["model"],
+        event_shape,
+        eval_solver=solver_from(cfg["eval"]["solver"]),
+        eval_divergence=eval_divergence_from(cfg, dim),
+    )
+
+
+MODELS: dict[str, ModelSpec] = {
+    "ffjord": ModelSpec(FFJORDSchema, _validate_ffjord, _build_ffjord),
+}
+
+
+def build_model(cfg: Mapping[str, Any], event_shape: tuple[int, ...]) -> GenerativeModel:
+    family = cfg["model"]["family"]
+    if family not in MODELS:
+        raise ValueError(
+            f"model.family: unknown value '{family}'; valid: {', '.join(sorted(MODELS))}"
+        )
+    return MODELS[family].build(cfg, event_shape)
