@@ -235,7 +235,7 @@ class Trainer:
             "train_seconds": self.train_seconds,
             "wandb_id": self.wandb_id,
             "config": to_dict(self.cfg),
-            "torch_version": torch.__version__,
+            "torch_version": str(torch.__version__),
         }
 
     def load_state_dict(self, state: Mapping[str, Any]) -> None:
