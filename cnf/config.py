@@ -35,6 +35,7 @@ class DataSchema:
     path: str | None = None  # data.name=file: a .npy or .csv file of samples (N, D)
     test_size: int = 5000  # toy data: held-out samples (fixed across seeds)
     val_size: int = 1000
+    flatten: bool = True  # image data: event shape (C*H*W,) for MLPs; false keeps (C, H, W)
 
 
 @dataclass
@@ -212,6 +213,8 @@ def validate(cfg: DictConfig) -> None:
             raise ValueError(f"train.ema: must be in [0, 1), got {cfg.train.ema}")
         if cfg.data.name == "file" and not cfg.data.path:
             raise ValueError("data.path: data.name=file needs data.path=<file.npy|file.csv>")
+        if cfg.data.name in ("mnist", "cifar10") and not cfg.data.path:
+            raise ValueError(f"data.path: data.name={cfg.data.name} needs data.path=<directory>")
         MODELS[cfg.model.family].validate(cfg.model)
     except ValueError as e:
         raise ConfigError(str(e)) from None

@@ -97,7 +97,11 @@ class DivergenceEstimator:
         """
         create_graph = torch.is_grad_enabled()
         with torch.enable_grad():
-            if not z.requires_grad:
+            # Without grad mode (the adjoint's forward solve) z may be a view made
+            # under no_grad of a state that requires grad (a CNF block after another
+            # flow, or an input we differentiate): autograd cannot differentiate
+            # with respect to such a view, so take a fresh leaf.
+            if not create_graph or not z.requires_grad:
                 z = z.detach().requires_grad_(True)
             f = field(t, z)
             div, frob = self(f, z, probe, create_graph=create_graph, frobenius=frobenius)
@@ -138,13 +142,10 @@ class ExactDivergence(DivergenceEstimator):
         # Fields that can propagate their Jacobian forward (TimeMLP) give the
         # exact trace without any autograd.grad call: cheaper in low dimension,
         # and the training backward pass is a plain (not double) backward.
-        jac_fn = getattr(field, "forward_with_jacobian", None)
-        if jac_fn is None or z.dim() != 2:
+        trace_fn = getattr(field, "forward_with_trace", None)
+        if trace_fn is None or z.dim() != 2:
             return super().evaluate(field, t, z, probe, frobenius=frobenius)
-        f, jac = jac_fn(t, z)  # jac[i, b, j] = ∂f_j/∂z_i
-        div = torch.einsum("bii->b", jac.transpose(0, 1))
-        frob = jac.pow(2).sum(dim=(0, 2)) if frobenius else None
-        return f, div, frob
+        return trace_fn(t, z, frobenius=frobenius)
 
     def __call__(
         self,

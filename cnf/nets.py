@@ -32,10 +32,10 @@ def _time_column(t: Tensor | float, x: Tensor) -> Tensor:
 class TimeLayer(nn.Module):
     """Base class: ``forward(t, x)`` with ``x`` of shape ``(B, in_dim)``.
 
-    ``forward_tangent(t, x, dx)`` returns the output and the layer's Jacobian
-    applied to tangents ``dx`` of shape ``(K, B, in_dim)`` (the layer is affine
-    in ``x``); :meth:`TimeMLP.forward_with_jacobian` uses it for forward-mode
-    Jacobians.
+    ``forward_tangent(tt, x, dx)`` (``tt``: time as a ``(1, 1)`` or ``(B, 1)``
+    column) returns the output and the layer's Jacobian applied to tangents
+    ``dx`` of shape ``(K, B or 1, in_dim)`` (the layer is affine in ``x``);
+    :meth:`TimeMLP.forward_with_jacobian` uses it for forward-mode Jacobians.
     """
 
     def __init__(self, in_dim: int, out_dim: int):
@@ -55,7 +55,7 @@ class IgnoreLinear(TimeLayer):
     def forward(self, t: Tensor, x: Tensor) -> Tensor:
         return self.linear(x)
 
-    def forward_tangent(self, t: Tensor, x: Tensor, dx: Tensor) -> tuple[Tensor, Tensor]:
+    def forward_tangent(self, tt: Tensor, x: Tensor, dx: Tensor) -> tuple[Tensor, Tensor]:
         return self.linear(x), F.linear(dx, self.linear.weight)
 
 
@@ -68,8 +68,8 @@ class ConcatLinear(TimeLayer):
         tt = _time_column(t, x).expand(x.shape[0], 1)
         return self.linear(torch.cat([tt, x], dim=1))
 
-    def forward_tangent(self, t: Tensor, x: Tensor, dx: Tensor) -> tuple[Tensor, Tensor]:
-        return self.forward(t, x), F.linear(dx, self.linear.weight[:, 1:])
+    def forward_tangent(self, tt: Tensor, x: Tensor, dx: Tensor) -> tuple[Tensor, Tensor]:
+        return self.forward(tt, x), F.linear(dx, self.linear.weight[:, 1:])
 
 
 class SquashLinear(TimeLayer):
@@ -81,8 +81,8 @@ class SquashLinear(TimeLayer):
     def forward(self, t: Tensor, x: Tensor) -> Tensor:
         return self.linear(x) * torch.sigmoid(self.gate(_time_column(t, x)))
 
-    def forward_tangent(self, t: Tensor, x: Tensor, dx: Tensor) -> tuple[Tensor, Tensor]:
-        gate = torch.sigmoid(self.gate(_time_column(t, x)))
+    def forward_tangent(self, tt: Tensor, x: Tensor, dx: Tensor) -> tuple[Tensor, Tensor]:
+        gate = torch.sigmoid(self.gate(tt))
         return self.linear(x) * gate, F.linear(dx, self.linear.weight) * gate
 
 
@@ -97,8 +97,7 @@ class ConcatSquashLinear(TimeLayer):
         tt = _time_column(t, x)
         return self.linear(x) * torch.sigmoid(self.gate(tt)) + self.shift(tt)
 
-    def forward_tangent(self, t: Tensor, x: Tensor, dx: Tensor) -> tuple[Tensor, Tensor]:
-        tt = _time_column(t, x)
+    def forward_tangent(self, tt: Tensor, x: Tensor, dx: Tensor) -> tuple[Tensor, Tensor]:
         gate = torch.sigmoid(self.gate(tt))
         return self.linear(x) * gate + self.shift(tt), F.linear(dx, self.linear.weight) * gate
 
@@ -119,9 +118,9 @@ class BlendLinear(TimeLayer):
         y0, y1 = self.linear(x), self.linear1(x)
         return y0 + (y1 - y0) * tt
 
-    def forward_tangent(self, t: Tensor, x: Tensor, dx: Tensor) -> tuple[Tensor, Tensor]:
+    def forward_tangent(self, tt: Tensor, x: Tensor, dx: Tensor) -> tuple[Tensor, Tensor]:
         d0, d1 = F.linear(dx, self.linear.weight), F.linear(dx, self.linear1.weight)
-        return self.forward(t, x), d0 + (d1 - d0) * _time_column(t, x)
+        return self.forward(tt, x), d0 + (d1 - d0) * tt
 
     def zero_(self) -> None:
         for lin in (self.linear, self.linear1):
@@ -150,8 +149,9 @@ ACTIVATIONS: dict[str, Callable[[], nn.Module]] = {
 def _activation_tangent(act: nn.Module, a: Tensor, y: Tensor, da: Tensor) -> Tensor:
     """Apply the derivative of the elementwise activation ``y = act(a)`` to tangents ``da``."""
     if isinstance(act, nn.Tanh):
-        d = 1 - y * y
-    elif isinstance(act, nn.Softplus):
+        # One fused op, twice differentiable: da * (1 - y²).
+        return torch.ops.aten.tanh_backward(da, y)
+    if isinstance(act, nn.Softplus):
         d = torch.sigmoid(a * act.beta)
     elif isinstance(act, nn.SiLU):
         s = torch.sigmoid(a)
@@ -220,6 +220,14 @@ class TimeMLP(nn.Module):
                 h = self.acts[i](h)
         return h
 
+    def forward_with_trace(
+        self, t: Tensor | float, x: Tensor, *, frobenius: bool = False
+    ) -> tuple[Tensor, Tensor, Tensor | None]:
+        """Output, exact Jacobian trace ``(B,)`` and optionally ``‖∂f/∂x‖_F²`` ``(B,)``."""
+        f, jac = self.forward_with_jacobian(t, x)
+        div = torch.einsum("bii->b", jac.transpose(0, 1))
+        return f, div, (jac.pow(2).sum(dim=(0, 2)) if frobenius else None)
+
     def forward_with_jacobian(self, t: Tensor | float, x: Tensor) -> tuple[Tensor, Tensor]:
         """Output and full Jacobian by forward-mode propagation through the layers.
 
@@ -233,15 +241,18 @@ class TimeMLP(nn.Module):
             ``y`` of shape ``(B, out)`` and ``J`` of shape ``(D, B, out)`` with
             ``J[i, b, j] = ∂y_j/∂x_i`` at sample ``b``.
         """
-        batch, d = x.shape
+        d = x.shape[1]
         h = x
+        tt = _time_column(t, x)
         # Tangents of the input: the identity, one column per input coordinate.
-        dh = torch.eye(d, dtype=x.dtype, device=x.device).unsqueeze(1).expand(d, batch, d)
+        # Shape (D, 1, D): until the first activation the tangents are the same
+        # for every sample, so they broadcast over the batch for free.
+        dh = torch.eye(d, dtype=x.dtype, device=x.device).unsqueeze(1)
         for i, layer in enumerate(self.layers):
-            h_new, dh = layer.forward_tangent(t, h, dh)
+            h_new, dh = layer.forward_tangent(tt, h, dh)
             if i < len(self.acts):
                 a = h_new
                 h_new = self.acts[i](a)
                 dh = _activation_tangent(self.acts[i], a, h_new, dh)
             h = h_new
-        return h, dh
+        return h, dh.expand(d, x.shape[0], dh.shape[-1])

@@ -85,3 +85,32 @@ def save_samples_plot(
     fig.tight_layout()
     fig.savefig(path)
     plt.close(fig)
+
+
+def save_image_grid(
+    images: np.ndarray, path: str | Path, *, image_shape: tuple[int, int, int], ncols: int = 10
+) -> None:
+    """Save up to ``ncols²`` images ``(N, *)`` with values in ``[0, 1]`` as one PNG grid.
+
+    ``image_shape`` is ``(C, H, W)`` (C = 1 grey, 3 RGB); values are clipped to
+    ``[0, 1]`` (model samples can leave the data range slightly).
+    """
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    c, h, w = image_shape
+    imgs = np.clip(np.asarray(images, dtype=np.float64)[: ncols * ncols], 0, 1)
+    imgs = imgs.reshape(-1, c, h, w).transpose(0, 2, 3, 1)
+    rows = max(1, -(-len(imgs) // ncols))
+    grid = np.ones((rows * (h + 1) + 1, ncols * (w + 1) + 1, c))
+    for k, img in enumerate(imgs):
+        r, q = divmod(k, ncols)
+        grid[1 + r * (h + 1) : 1 + r * (h + 1) + h, 1 + q * (w + 1) : 1 + q * (w + 1) + w] = img
+    fig, ax = plt.subplots(figsize=(ncols * 0.6, rows * 0.6), dpi=120)
+    ax.imshow(grid[..., 0] if c == 1 else grid, cmap="gray" if c == 1 else None, vmin=0, vmax=1)
+    ax.set_axis_off()
+    fig.tight_layout(pad=0.1)
+    fig.savefig(path)
+    plt.close(fig)

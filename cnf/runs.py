@@ -55,6 +55,7 @@ def load_run(run_dir: str | Path, overrides: list[str] = (), *, device: str | No
         test_size=cfg.data.test_size,
         val_size=cfg.data.val_size,
         batch_size=cfg.train.batch_size,
+        flatten=cfg.data.flatten,
     )
     dtype = {"float32": torch.float32, "float64": torch.float64}[cfg.dtype]
     model = build_model(cfg, data.event_shape)

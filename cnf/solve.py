@@ -192,6 +192,18 @@ class AugmentedDynamics(nn.Module):
         return tuple(out)
 
 
+def _uniform_grid(steps: int) -> Callable[[Any, Tensor, Tensor], Tensor]:
+    """torchdiffeq grid constructor: ``steps`` equal steps from ``t[0]`` to ``t[-1]``."""
+
+    def grid(func: Any, y0: Tensor, t: Tensor) -> Tensor:
+        g = torch.linspace(0, 1, steps + 1, dtype=t.dtype, device=t.device)
+        g = t[0] + (t[-1] - t[0]) * g
+        g[0], g[-1] = t[0], t[-1]
+        return g
+
+    return grid
+
+
 def integrate(
     field_fn: Callable[[Tensor, Tensor], Tensor],
     z0: Tensor,
@@ -245,7 +257,9 @@ def integrate(
     if times is not None:
         with torch.no_grad():
             s_req = ((times.to(z0) - t0) / (t1 - t0)).detach()
-        if (s_req < -1e-9).any() or (s_req > 1 + 1e-9).any() or (s_req.diff() < 0).any():
+        # Round-off slack: T = exp(log_T) need not reproduce a configured 0.6 exactly.
+        slack = 1e-6
+        if (s_req < -slack).any() or (s_req > 1 + slack).any() or (s_req.diff() < 0).any():
             raise ValueError("times must lie in [t0, t1] and be ordered from t0 to t1")
         s_grid, traj_index = torch.unique(
             torch.cat([s_grid, s_req.clamp(0, 1)]), sorted=True, return_inverse=True
@@ -254,7 +268,9 @@ def integrate(
 
     kwargs: dict[str, Any] = {"method": solver.method}
     if solver.fixed_step:
-        kwargs["options"] = {"step_size": 1.0 / solver.steps}
+        # Exactly `steps` equal steps: torchdiffeq's step_size grid can add a
+        # zero-length step by round-off (e.g. 49 steps in float64), one step's NFE.
+        kwargs["options"] = {"grid_constructor": _uniform_grid(solver.steps)}
     else:
         kwargs["rtol"], kwargs["atol"] = solver.rtol, solver.atol
         if solver.max_steps:
@@ -264,7 +280,9 @@ def integrate(
         params = [p for p in dynamics.parameters() if p.requires_grad]
         params += [t for t in (t0, t1) if t.requires_grad]
         if solver.seminorm:
-            kwargs["adjoint_options"] = {"norm": "seminorm"}
+            # Keep the forward options (steps, max_num_steps) for the backward solve:
+            # torchdiffeq copies them only when adjoint_options is not given.
+            kwargs["adjoint_options"] = {**kwargs.get("options", {}), "norm": "seminorm"}
         out = odeint_adjoint(dynamics, tuple(state), s_grid, adjoint_params=tuple(params), **kwargs)
     else:
         out = odeint(dynamics, tuple(state), s_grid, **kwargs)

@@ -18,7 +18,7 @@ import _cli
 
 from cnf.runs import load_run
 from cnf.train.checkpoint import atomic_write_text
-from cnf.train.loop import evaluate_split, sample_statistics
+from cnf.train.loop import bpd_metrics, evaluate_split, sample_statistics
 
 
 def main() -> int:
@@ -34,12 +34,19 @@ def main() -> int:
     cfg = run.cfg
     t0 = time.perf_counter()
     data = run.data.test if args.split == "test" else run.data.val
-    res = evaluate_split(run.model, data, batch_size=cfg.eval.batch_size, seed=cfg.eval.seed)
+    res = evaluate_split(
+        run.model,
+        data,
+        batch_size=cfg.eval.batch_size,
+        seed=cfg.eval.seed,
+        transform=run.data.eval_transform,
+    )
     out = {"iteration": run.iteration, "split": args.split, "units": "nats per sample"}
     out.update({f"{args.split}_{k}": v for k, v in res.items()})
     if run.data.entropy is not None and f"{args.split}_nll" in out:
         out["entropy"], out["entropy_stderr"] = run.data.entropy
         out["gap"] = out[f"{args.split}_nll"] - out["entropy"]
+    out.update(bpd_metrics(out, run.data, prefix=f"{args.split}_"))
     if cfg.eval.num_samples > 0:
         import torch
 

@@ -5,29 +5,59 @@
 Running it again with the same ``run.dir`` resumes from the last checkpoint.
 Exit codes: 0 finished, 1 non-finite loss, 2 bad input, 3 interrupted
 (SIGTERM/SIGUSR1: checkpoint written, rerun to resume).
+
+Data-parallel on N GPUs (or N CPU processes with gloo), one node:
+
+    torchrun --standalone --nproc_per_node=N experiments/train.py --config ... [overrides]
+
+``train.batch_size`` is the global batch; each rank trains on its slice and
+only rank 0 writes the run folder. Multi-node jobs: ``slurm/ddp.sbatch.tmpl``.
 """
 
 from __future__ import annotations
 
-import argparse
-import json
-import os
+import signal
 
-import _cli
-from omegaconf import OmegaConf
+# A pre-emption signal may arrive while torch is still being imported: remember
+# it (the default action would kill the process without a checkpoint) and hand
+# it to the trainer once it exists, which then checkpoints and exits with 3.
+_EARLY_SIGNALS: list[str] = []
+for _sig in (signal.SIGTERM, signal.SIGUSR1):
+    signal.signal(_sig, lambda signum, _frame: _EARLY_SIGNALS.append(signal.Signals(signum).name))
 
-from cnf.config import load_config
-from cnf.train.loop import Trainer
+import argparse  # noqa: E402
+import json  # noqa: E402
+import os  # noqa: E402
+
+import _cli  # noqa: E402
+from omegaconf import OmegaConf  # noqa: E402
+
+from cnf.config import load_config  # noqa: E402
+from cnf.train import distributed  # noqa: E402
+from cnf.train.checkpoint import atomic_write_text  # noqa: E402
+from cnf.train.loop import Trainer  # noqa: E402
+
+WANDB_ID_FILE = "wandb_id.txt"
 
 
 def make_tracker(cfg, trainer: Trainer):
-    """The W&B mirror of metrics.jsonl (None when disabled)."""
+    """The W&B mirror of metrics.jsonl (None when disabled, and on ranks other than 0).
+
+    The run id is kept in the checkpoint and in ``RUN_DIR/wandb_id.txt`` (written
+    at once, so a run pre-empted before its first checkpoint keeps its id) and
+    reused with ``resume="allow"`` when the run resumes.
+    """
     from cnf.train.tracking import WandbTracker, wandb_mode
 
     mode = wandb_mode(cfg.track.wandb)
     if mode == "disabled" or trainer.rank != 0:
         return None
+    if mode != cfg.track.wandb:
+        print(f"W&B: track.wandb={cfg.track.wandb} but no API key is configured; logging {mode}")
     os.environ.setdefault("WANDB_SILENT", "true")
+    id_file = trainer.run_dir / WANDB_ID_FILE
+    if trainer.wandb_id is None and id_file.is_file():
+        trainer.wandb_id = id_file.read_text().strip() or None
     tracker = WandbTracker(
         run_dir=trainer.run_dir,
         mode=mode,
@@ -40,6 +70,8 @@ def make_tracker(cfg, trainer: Trainer):
         run_id=trainer.wandb_id,
     )
     trainer.wandb_id = tracker.run_id
+    if trainer.wandb_id:
+        atomic_write_text(id_file, trainer.wandb_id + "\n")
     return tracker
 
 
@@ -47,7 +79,19 @@ def write_plots(trainer: Trainer, final: dict) -> list[str]:
     from cnf.plotting import density_on_grid, save_density_plot, save_samples_plot
 
     made = []
-    if trainer.data.event_shape != (2,) or not trainer.cfg.eval.plots:
+    data = trainer.data
+    if data.image_shape is not None and trainer.cfg.eval.plots:
+        if getattr(trainer, "samples", None) is not None:
+            from cnf.plotting import save_image_grid
+
+            save_image_grid(
+                trainer.samples.numpy(),
+                trainer.run_dir / "samples.png",
+                image_shape=data.image_shape,
+            )
+            made.append("samples.png")
+        return made
+    if data.event_shape != (2,) or not trainer.cfg.eval.plots:
         return made
     xs, dens, mass = density_on_grid(trainer.eval_model, seed=trainer.cfg.eval.seed)
     final["density_mass_on_grid"] = mass
@@ -74,26 +118,57 @@ def main() -> int:
     _cli.setup_threads()
 
     cfg = load_config(args.config, args.overrides)
-    print(OmegaConf.to_yaml(cfg), end="")
+    info = distributed.env_info()
+    if info.is_main:
+        print(OmegaConf.to_yaml(cfg), end="")
     if args.dry_run:
         return 0
-    trainer = Trainer(cfg)
+    info = distributed.init(cfg.device)
+    try:
+        return train(cfg, info)
+    finally:
+        distributed.cleanup()
+
+
+def train(cfg, info: distributed.DistInfo) -> int:
+    trainer = Trainer(
+        cfg,
+        rank=info.rank,
+        world_size=info.world_size,
+        log=print if info.is_main else (lambda _msg: None),
+    )
+    # Every rank has looked at the run folder before rank 0 writes to it.
+    distributed.barrier()
     trainer.prepare()
     _cli.install_stop_handlers(trainer.request_stop)
+    for name in _EARLY_SIGNALS:
+        trainer.request_stop(f"received {name}")
     tracker = make_tracker(cfg, trainer)
     trainer.extra_tracker = tracker
-    print(f"run folder: {trainer.run_dir}")
+    if info.is_main:
+        print(f"run folder: {trainer.run_dir}")
+        if info.world_size > 1:
+            print(f"data-parallel over {info.world_size} processes")
     status = trainer.train()
     if status == "interrupted":
+        # The checkpoint is written; say so before W&B's (slower) finish, which
+        # SLURM may cut short (KillWait) after a SIGTERM.
+        if info.is_main:
+            print(f"interrupted at iteration {trainer.iteration}; rerun the same command to resume")
         if tracker is not None:
             tracker.finish()
-        print(f"interrupted at iteration {trainer.iteration}; rerun the same command to resume")
         return _cli.EXIT_INTERRUPTED
+    # Rank 0 has written the final checkpoint. Evaluation runs on rank 0 alone
+    # with the plain (unwrapped) model: adaptive solvers take a data-dependent
+    # number of steps, so a collective evaluation could deadlock. The other
+    # ranks are done and leave now rather than wait at a barrier that could
+    # time out during a long evaluation.
+    distributed.barrier()
+    if not info.is_main:
+        return 0
     final = trainer.final_metrics()
     plots = write_plots(trainer, final)
     if "density_mass_on_grid" in final:
-        from cnf.train.checkpoint import atomic_write_text
-
         atomic_write_text(trainer.run_dir / "final.json", json.dumps(final, indent=2) + "\n")
     if tracker is not None:
         tracker.summary(final)

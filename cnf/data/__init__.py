@@ -3,7 +3,9 @@
 Every data set gives a deterministic training stream (a batch is a function
 of the run's seed and the iteration, so a resumed run sees the same batches),
 fixed validation and test arrays, and — where known — the exact data
-log-density and entropy.
+log-density and entropy. Image data (``kind='image'``) keep integer pixel
+levels in ``val``/``test`` and dequantise them with ``eval_transform``
+(fresh, seeded noise at every evaluation; see :mod:`cnf.data.images`).
 """
 
 from __future__ import annotations
@@ -15,6 +17,7 @@ from dataclasses import dataclass, field
 import numpy as np
 
 from cnf.data.files import DataError, load_array, split_array
+from cnf.data.images import IMAGE_DATASETS, bpd_offset, dequantize
 from cnf.data.toy import TOY_DATASETS, toy_entropy, toy_log_density
 
 __all__ = ["DataError", "Dataset", "DATASETS", "build_dataset", "batch_rng"]
@@ -37,6 +40,10 @@ class Dataset:
         log_density: Exact data log-density, if known.
         entropy: ``(H, stderr)`` in nats, if known.
         kind: ``toy`` | ``tabular`` | ``image``.
+        num_levels: Image data: grey levels per pixel (bits/dim offset ``log2`` of it).
+        eval_transform: ``(held_out, rng) -> model input`` for ``val``/``test``
+            batches (image data: uniform dequantisation); None: use as is.
+        image_shape: Image data: ``(C, H, W)`` of one image (for sample grids).
     """
 
     name: str
@@ -49,10 +56,18 @@ class Dataset:
     kind: str = "toy"
     train_size: int | None = None  # None: an infinite stream
     extra: dict = field(default_factory=dict)
+    num_levels: int | None = None
+    eval_transform: Callable[[np.ndarray, np.random.Generator], np.ndarray] | None = None
+    image_shape: tuple[int, int, int] | None = None
 
     @property
     def dim(self) -> int:
         return int(np.prod(self.event_shape))
+
+    @property
+    def bpd_offset(self) -> float | None:
+        """``log2(num_levels)`` for image data (bits/dim of [0, 1)-scaled data), else None."""
+        return bpd_offset(self.num_levels) if self.num_levels else None
 
 
 def _fixed_rng(name: str, split: str) -> np.random.Generator:
@@ -103,9 +118,39 @@ def _file(name: str, *, path: str | None, batch_size: int, **_: object) -> Datas
     )
 
 
+def _image(
+    name: str, *, path: str | None, val_size: int, flatten: bool = True, **_: object
+) -> Dataset:
+    arrays = IMAGE_DATASETS[name](path=path, val_size=val_size)
+    levels, shape = arrays.num_levels, arrays.image_shape
+    event_shape = (int(np.prod(shape)),) if flatten else shape
+    train = arrays.train.reshape(len(arrays.train), *event_shape)
+
+    def sample_train(rng: np.random.Generator, n: int) -> np.ndarray:
+        # Fresh dequantisation noise for every batch (DESIGN.md §1.2).
+        return dequantize(train[rng.integers(0, len(train), size=n)], levels, rng)
+
+    def eval_transform(x: np.ndarray, rng: np.random.Generator) -> np.ndarray:
+        return dequantize(x, levels, rng)
+
+    return Dataset(
+        name=name,
+        event_shape=event_shape,
+        val=arrays.val.reshape(len(arrays.val), *event_shape),
+        test=arrays.test.reshape(len(arrays.test), *event_shape),
+        sample_train=sample_train,
+        kind="image",
+        train_size=len(train),
+        num_levels=levels,
+        eval_transform=eval_transform,
+        image_shape=shape,
+    )
+
+
 DATASETS: dict[str, Callable[..., Dataset]] = {
     **{k: (lambda _k=k, **kw: _toy(_k, **kw)) for k in TOY_DATASETS},
     "file": lambda **kw: _file("file", **kw),
+    **{k: (lambda _k=k, **kw: _image(_k, **kw)) for k in IMAGE_DATASETS},
 }
 
 
@@ -116,8 +161,14 @@ def build_dataset(
     test_size: int = 5000,
     val_size: int = 1000,
     batch_size: int = 1,
+    flatten: bool = True,
 ) -> Dataset:
-    """Build a registered data set; unknown names raise :class:`DataError` listing the valid ones."""
+    """Build a registered data set; unknown names raise :class:`DataError` listing the valid ones.
+
+    ``flatten`` applies to image data: event shape ``(C·H·W,)`` (True) or ``(C, H, W)``.
+    """
     if name not in DATASETS:
         raise DataError(f"unknown dataset '{name}'; valid: {', '.join(sorted(DATASETS))}")
-    return DATASETS[name](path=path, test_size=test_size, val_size=val_size, batch_size=batch_size)
+    return DATASETS[name](
+        path=path, test_size=test_size, val_size=val_size, batch_size=batch_size, flatten=flatten
+    )

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import warnings
 from pathlib import Path
 
 import numpy as np
@@ -61,7 +62,11 @@ def _load_csv(path: Path) -> np.ndarray:
         skip = 0
     except ValueError:  # a header line
         skip = 1
-    return np.loadtxt(path, delimiter=",", skiprows=skip, ndmin=2)
+    with warnings.catch_warnings():
+        # An empty file is reported as a DataError below; numpy's warning would
+        # add a second, unexplained line to the one-line error.
+        warnings.simplefilter("ignore")
+        return np.loadtxt(path, delimiter=",", skiprows=skip, ndmin=2)
 
 
 def split_array(

@@ -8,6 +8,7 @@ from cnf.flows.base import (
     sum_except_batch,
 )
 from cnf.flows.cnf import CNF
+from cnf.flows.logit import LogitTransform
 from cnf.flows.normalization import MovingBatchNorm
 from cnf.flows.registry import FLOWS, build_flow
 
@@ -16,6 +17,7 @@ __all__ = [
     "FLOWS",
     "Flow",
     "IdentityFlow",
+    "LogitTransform",
     "MovingBatchNorm",
     "SequentialFlow",
     "build_flow",

@@ -4,20 +4,27 @@ from __future__ import annotations
 
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 from cnf.divergence import build_divergence
 from cnf.models.base import EvalOutput, GenerativeModel, LossOutput
+from cnf.models.diffflow import DiffFlow, DiffFlowSchema, build_diffflow, validate_diffflow
 from cnf.models.ffjord import FFJORD, FFJORDSchema, SolverSchema, build_ffjord, solver_from
+from cnf.models.flow_matching import FlowMatchingModel, FlowMatchingSchema, build_flow_matching
+from cnf.models.score import ScoreModel, ScoreSchema, build_score, validate_score
 from cnf.nets import ACTIVATIONS, LAYERS
 
 __all__ = [
     "MODELS",
+    "DiffFlow",
     "EvalOutput",
     "FFJORD",
+    "FlowMatchingModel",
     "GenerativeModel",
     "LossOutput",
     "ModelSpec",
+    "ScoreModel",
     "SolverSchema",
     "build_model",
     "solver_from",
@@ -86,8 +93,57 @@ def _build_ffjord(cfg: Mapping[str, Any], event_shape: tuple[int, ...]) -> Gener
     )
 
 
+def _validate_fm(m: Mapping[str, Any]) -> None:
+    from cnf.diffusion.flow_matching import OT_SOLVERS, PAIRINGS
+
+    check_choice("model.pairing", m["pairing"], PAIRINGS)
+    check_choice("model.ot_solver", m["ot_solver"], OT_SOLVERS)
+    check_choice("model.layer", m["layer"], LAYERS)
+    check_choice("model.activation", m["activation"], ACTIVATIONS)
+    if not m["hidden_dims"] or any(h < 1 for h in m["hidden_dims"]):
+        raise ValueError("model.hidden_dims: needs one or more positive widths")
+    if m["sigma"] < 0:
+        raise ValueError(f"model.sigma: must be >= 0, got {m['sigma']}")
+    if not 0 <= m["logit_alpha"] < 0.5:
+        raise ValueError(
+            f"model.logit_alpha: must be in [0, 0.5) (0 = off), got {m['logit_alpha']}"
+        )
+    for key in ("reflow_pairs", "init_from"):
+        if m[key] and not Path(m[key]).exists():
+            raise ValueError(f"model.{key}: {m[key]} does not exist")
+
+
+def _build_score(cfg: Mapping[str, Any], event_shape: tuple[int, ...]) -> GenerativeModel:
+    dim = 1
+    for s in event_shape:
+        dim *= s
+    return build_score(
+        cfg["model"],
+        event_shape,
+        eval_solver=solver_from(cfg["eval"]["solver"]),
+        eval_divergence=eval_divergence_from(cfg, dim),
+    )
+
+
+def _build_fm(cfg: Mapping[str, Any], event_shape: tuple[int, ...]) -> GenerativeModel:
+    dim = 1
+    for s in event_shape:
+        dim *= s
+    return build_flow_matching(
+        cfg["model"],
+        event_shape,
+        eval_solver=solver_from(cfg["eval"]["solver"]),
+        eval_divergence=eval_divergence_from(cfg, dim),
+    )
+
+
 MODELS: dict[str, ModelSpec] = {
     "ffjord": ModelSpec(FFJORDSchema, _validate_ffjord, _build_ffjord),
+    "fm": ModelSpec(FlowMatchingSchema, _validate_fm, _build_fm),
+    "score": ModelSpec(ScoreSchema, validate_score, _build_score),
+    "diffflow": ModelSpec(
+        DiffFlowSchema, validate_diffflow, lambda cfg, shape: build_diffflow(cfg["model"], shape)
+    ),
 }
 
 

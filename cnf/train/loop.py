@@ -5,11 +5,16 @@ logged iteration), ``ckpt.pt`` (atomic, embeds the config) and, at the end,
 ``final.json``. Every batch and probe is a pure function of
 ``(seed, iteration, rank)``, so a run that is stopped and resumed from its
 checkpoint continues exactly as an uninterrupted run would.
+
+Data-parallel runs (``torchrun``) pass ``rank``/``world_size``: each rank
+trains on its slice of the same global batch, gradients are averaged over
+ranks (:mod:`cnf.train.distributed`), and only rank 0 writes files.
 """
 
 from __future__ import annotations
 
 import copy
+import fcntl
 import json
 import math
 import sys
@@ -26,10 +31,15 @@ from cnf.config import to_dict
 from cnf.data import Dataset, batch_rng, build_dataset
 from cnf.metrics import mean_stderr
 from cnf.models import GenerativeModel, build_model
+from cnf.train import distributed
 from cnf.train.checkpoint import atomic_write_text, load_checkpoint, save_checkpoint
 from cnf.train.tracking import JsonlTracker
 
 CKPT_NAME = "ckpt.pt"
+# Held (POSIX record lock) by the process training in the folder, so that a
+# second launch of the same run (a relaunched sweep, a duplicate array task)
+# fails instead of interleaving writes. Released by the OS when the process dies.
+LOCK_NAME = ".lock"
 
 # Keys that may change when a run is resumed: they do not change what is trained.
 RESUMABLE_CHANGES = (
@@ -86,7 +96,7 @@ def prepare_run_dir(cfg: DictConfig) -> tuple[Path, bool]:
     path = Path(cfg.run.dir)
     if path.exists() and not path.is_dir():
         raise RunFolderError(f"run.dir {path} exists and is not a folder; choose another run.dir")
-    if path.is_dir() and any(path.iterdir()):
+    if path.is_dir() and any(p.name != LOCK_NAME for p in path.iterdir()):
         cfg_file = path / "config.yaml"
         if not cfg_file.is_file():
             raise RunFolderError(
@@ -106,6 +116,44 @@ def prepare_run_dir(cfg: DictConfig) -> tuple[Path, bool]:
             )
         return path, True
     return path, False
+
+
+def lock_run_dir(path: str | Path) -> Any:
+    """Take the run folder's lock; :class:`RunFolderError` if another process holds it.
+
+    Returns the open lock file: keep it referenced for as long as the run
+    trains. POSIX locks belong to the process, so taking it again in the same
+    process succeeds.
+    """
+    path = Path(path)
+    fh = open(path / LOCK_NAME, "a+")  # noqa: SIM115 - held for the life of the run
+    try:
+        fcntl.lockf(fh, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except OSError:
+        fh.close()
+        raise RunFolderError(
+            f"run.dir {path} is in use by another training process; "
+            "wait for it to end (or stop it) before resuming this run"
+        ) from None
+    return fh  # the file stays empty: taking the lock changes nothing in the folder
+
+
+def run_dir_locked(path: str | Path) -> bool:
+    """True if another live process trains in ``path`` (on a file system with working locks).
+
+    Not for the process that holds the lock: closing any descriptor of the file
+    would release that process's POSIX lock.
+    """
+    lock = Path(path) / LOCK_NAME
+    if not lock.is_file():
+        return False
+    try:
+        with open(lock, "a") as fh:
+            fcntl.lockf(fh, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            fcntl.lockf(fh, fcntl.LOCK_UN)
+    except OSError:
+        return True
+    return False
 
 
 def resolve_device(name: str) -> torch.device:
@@ -131,18 +179,26 @@ def evaluate_split(
     batch_size: int,
     seed: int,
     cost: Mapping[str, Any] | None = None,
+    transform: Callable[[np.ndarray, np.random.Generator], np.ndarray] | None = None,
 ) -> dict[str, float]:
     """NLL/NELBO in nats per sample over ``x``, with standard errors and mean NFE.
 
     The global RNG is forked and seeded with ``seed``, so probes and noise are
     the same for every model and cost setting (common random numbers).
+    ``transform`` (``Dataset.eval_transform``: image dequantisation) is applied
+    batch by batch with a numpy generator seeded by ``seed``, in order, so the
+    noise does not depend on the batch size.
     """
     nll, nelbo, nfe = [], [], []
+    transform_rng = np.random.default_rng([seed, 0x0DE9])
     devices = [model.device] if model.device.type == "cuda" else []
     with torch.random.fork_rng(devices=devices):
         torch.manual_seed(seed)
         for i in range(0, len(x), batch_size):
-            xb = torch.as_tensor(x[i : i + batch_size], dtype=model.dtype, device=model.device)
+            xb = x[i : i + batch_size]
+            if transform is not None:
+                xb = transform(xb, transform_rng)
+            xb = torch.as_tensor(xb, dtype=model.dtype, device=model.device)
             out = model.evaluate(xb, cost=cost)
             if out.nll is not None:
                 nll.append(out.nll.double().cpu())
@@ -183,8 +239,16 @@ class Trainer:
         self.cfg = cfg
         self.log = log
         self.rank, self.world_size = rank, world_size
+        if cfg.train.batch_size % world_size:
+            raise RunFolderError(
+                f"train.batch_size={cfg.train.batch_size} is not divisible by the "
+                f"{world_size} data-parallel processes"
+            )
         self.run_dir, self.resuming = prepare_run_dir(cfg)
         self.device = resolve_device(cfg.device)
+        if self.device.type == "cuda" and world_size > 1:
+            # One GPU per rank: distributed.init pinned this process to cuda:LOCAL_RANK.
+            self.device = torch.device("cuda", torch.cuda.current_device())
         self.dtype = {"float32": torch.float32, "float64": torch.float64}[cfg.dtype]
         self.data: Dataset = build_dataset(
             cfg.data.name,
@@ -192,6 +256,7 @@ class Trainer:
             test_size=cfg.data.test_size,
             val_size=cfg.data.val_size,
             batch_size=cfg.train.batch_size,
+            flatten=cfg.data.flatten,
         )
         torch.manual_seed(cfg.seed)
         self.model = build_model(cfg, self.data.event_shape).to(self.device, self.dtype)
@@ -204,12 +269,16 @@ class Trainer:
         self.extra_tracker = tracker
         self.progress = progress
         self._stop_reason: str | None = None
+        self._lock = None
 
     # ----------------------------------------------------------------- set-up
     def _build_optimizer(self) -> torch.optim.Optimizer:
         t = self.cfg.train
         cls = {"adam": torch.optim.Adam, "adamw": torch.optim.AdamW}[t.optimizer]
-        return cls(self.model.parameters(), lr=t.lr, weight_decay=t.weight_decay)
+        # A model may ask for parameter groups (e.g. DiffFlow: drift and score lrs).
+        groups = getattr(self.model, "param_groups", None)
+        params = groups(t.lr) if groups is not None else self.model.parameters()
+        return cls(params, lr=t.lr, weight_decay=t.weight_decay)
 
     def _lr_factor(self, step: int) -> float:
         t = self.cfg.train
@@ -258,11 +327,13 @@ class Trainer:
 
     def prepare(self) -> None:
         """Create the folder or load the checkpoint of an existing run."""
+        if self.rank == 0:
+            self.run_dir.mkdir(parents=True, exist_ok=True)
+            self._lock = lock_run_dir(self.run_dir)
         if self.resuming and self.ckpt_path.exists():
             self.load_state_dict(load_checkpoint(self.ckpt_path, map_location=self.device))
             self.log(f"resuming {self.run_dir} from iteration {self.iteration}")
         if self.rank == 0:
-            self.run_dir.mkdir(parents=True, exist_ok=True)
             atomic_write_text(self.run_dir / "config.yaml", OmegaConf.to_yaml(self.cfg))
             self.metrics = JsonlTracker(self.run_dir / "metrics.jsonl")
             # Lines logged after the checkpoint are regenerated by the resumed run.
@@ -270,8 +341,13 @@ class Trainer:
 
     # ------------------------------------------------------------------ train
     def _batch(self, it: int) -> torch.Tensor:
-        rng = batch_rng(self.cfg.seed, it, self.rank)
-        x = self.data.sample_train(rng, self.cfg.train.batch_size // self.world_size)
+        # Every rank draws the same global batch and keeps its slice, so a
+        # data-parallel run sees exactly the data of a single-process run.
+        rng = batch_rng(self.cfg.seed, it)
+        x = self.data.sample_train(rng, self.cfg.train.batch_size)
+        if self.world_size > 1:
+            per_rank = self.cfg.train.batch_size // self.world_size
+            x = x[self.rank * per_rank : (self.rank + 1) * per_rank]
         return torch.as_tensor(x, dtype=self.dtype, device=self.device)
 
     def _log(self, record: dict[str, Any], step: int) -> None:
@@ -306,22 +382,51 @@ class Trainer:
             )
         last_ckpt_time = time.monotonic()
         window_start, window_iters = time.perf_counter(), 0
+        parallel = self.world_size > 1
+        stop_agreed = False  # data-parallel: every rank stops at the same iteration
+        if parallel:
+            distributed.broadcast_module(self.model)
+            if self.ema is not None:
+                distributed.broadcast_module(self.ema)
         self.model.train()
         while self.iteration < total:
-            if self._stop_reason is not None:
+            if stop_agreed if parallel else self._stop_reason is not None:
                 self.save()
-                self.log(f"{self._stop_reason}: checkpoint saved at iteration {self.iteration}")
+                self.log(
+                    f"{self._stop_reason or 'stop requested by another rank'}: "
+                    f"checkpoint saved at iteration {self.iteration}"
+                )
+                # No rank exits before rank 0 has written the checkpoint
+                # (torchrun tears the job down when any rank exits non-zero).
+                distributed.barrier()
                 return "interrupted"
             it = self.iteration + 1
             t0 = time.perf_counter()
             torch.manual_seed(iteration_seed(cfg.seed, it, self.rank))
             x = self._batch(it)
+            if hasattr(self.model, "set_iteration"):  # e.g. a progressive number of steps
+                self.model.set_iteration(it)
             out = self.model.training_loss(x)
             loss = out.loss
-            if not torch.isfinite(loss):
-                raise NonFiniteError(self._nonfinite_message("loss", float(loss), it))
+            if not parallel and not torch.isfinite(loss):
+                raise NonFiniteError(self._nonfinite_message("loss", float(loss.detach()), it))
             self.optimizer.zero_grad(set_to_none=True)
             loss.backward()
+            loss_value = float(loss.detach())
+            stats = {**out.stats, **self.model.backward_stats()}
+            if parallel:
+                # After the all-reduce every rank holds the same gradients, the
+                # rank-mean loss and statistics, and the same decision to stop.
+                reduced, stop_agreed = distributed.average_gradients(
+                    self.model.parameters(),
+                    buffers=self.model.buffers(),
+                    stats={"loss": loss_value, **stats},
+                    stop=self._stop_reason is not None,
+                )
+                loss_value = reduced.pop("loss")
+                stats = reduced
+                if not math.isfinite(loss_value):
+                    raise NonFiniteError(self._nonfinite_message("loss", loss_value, it))
             grad_norm = torch.nn.utils.clip_grad_norm_(
                 self.model.parameters(),
                 cfg.train.grad_clip if cfg.train.grad_clip > 0 else math.inf,
@@ -339,9 +444,8 @@ class Trainer:
             if it % cfg.train.log_every == 0 or it == total:
                 now = time.perf_counter()
                 record = {
-                    "loss": float(loss),
-                    **out.stats,
-                    **self.model.backward_stats(),
+                    "loss": loss_value,
+                    **stats,
                     "grad_norm": float(grad_norm),
                     "lr": self.scheduler.get_last_lr()[0],
                     "sec_per_iter": (now - window_start) / window_iters,
@@ -351,13 +455,13 @@ class Trainer:
                 window_start, window_iters = now, 0
                 if bar is not None:
                     bar.set_postfix(
-                        loss=f"{float(loss):.3f}",
+                        loss=f"{loss_value:.3f}",
                         nfe=record.get("nfe_forward", "-"),
                         refresh=False,
                     )
                 elif self.rank == 0 and it % (cfg.train.log_every * 25) == 0:
                     self.log(
-                        f"iter {it}/{total} loss {float(loss):.4f} nfe {record.get('nfe_forward', '-')}"
+                        f"iter {it}/{total} loss {loss_value:.4f} nfe {record.get('nfe_forward', '-')}"
                     )
             if cfg.train.val_every and it % cfg.train.val_every == 0 and self.rank == 0:
                 val = evaluate_split(
@@ -365,6 +469,7 @@ class Trainer:
                     self.data.val,
                     batch_size=cfg.eval.batch_size,
                     seed=cfg.eval.seed,
+                    transform=self.data.eval_transform,
                 )
                 self._log({f"val_{k}": v for k, v in val.items()}, it)
             if bar is not None:
@@ -403,7 +508,11 @@ class Trainer:
         model = self.eval_model
         t0 = time.perf_counter()
         test = evaluate_split(
-            model, self.data.test, batch_size=cfg.eval.batch_size, seed=cfg.eval.seed
+            model,
+            self.data.test,
+            batch_size=cfg.eval.batch_size,
+            seed=cfg.eval.seed,
+            transform=self.data.eval_transform,
         )
         final: dict[str, Any] = {
             "iterations": self.iteration,
@@ -415,10 +524,14 @@ class Trainer:
         }
         for k, v in test.items():
             final[f"test_{k}"] = v
-        if self.data.entropy is not None and "test_nll" in final:
+        if self.data.entropy is not None and ("test_nll" in final or "test_nelbo" in final):
             h, h_se = self.data.entropy
             final["entropy"], final["entropy_stderr"] = h, h_se
-            final["gap"] = final["test_nll"] - h
+            if "test_nll" in final:
+                final["gap"] = final["test_nll"] - h
+            if "test_nelbo" in final:  # NELBO − H ≥ KL(data ‖ model): a bound, not the gap
+                final["nelbo_gap"] = final["test_nelbo"] - h
+        final.update(bpd_metrics(final, self.data, prefix="test_"))
         if cfg.eval.num_samples > 0:
             devices = [model.device] if model.device.type == "cuda" else []
             with torch.random.fork_rng(devices=devices):
@@ -433,6 +546,39 @@ class Trainer:
         return final
 
 
+def bpd_metrics(metrics: Mapping[str, Any], data: Dataset, *, prefix: str) -> dict[str, Any]:
+    """Bits/dim of image data from ``{prefix}nll`` (else ``{prefix}nelbo``) in nats.
+
+    ``bpd = nats / (D ln 2) + log2(L)`` for data dequantised to ``[0, 1)`` from L
+    levels (:mod:`cnf.data.images`); the convention string goes beside the number.
+    Empty for non-image data.
+    """
+    from cnf.metrics import bits_per_dim
+
+    offset = data.bpd_offset
+    if offset is None:
+        return {}
+    out: dict[str, Any] = {}
+    for name in ("nll", "nelbo"):
+        if f"{prefix}{name}" not in metrics:
+            continue
+        key = (
+            f"{prefix}bpd"
+            if name == "nll" or f"{prefix}nll" not in metrics
+            else f"{prefix}nelbo_bpd"
+        )
+        out[key] = bits_per_dim(metrics[f"{prefix}{name}"], data.dim, offset_bits=offset)
+        out[f"{key}_stderr"] = metrics[f"{prefix}{name}_stderr"] / (data.dim * math.log(2.0))
+    if out:
+        source = "nll" if f"{prefix}nll" in metrics else "nelbo (an upper bound)"
+        out["bpd_convention"] = (
+            f"bits/dim = {source} / (D ln 2) + log2({data.num_levels}), D = {data.dim}; "
+            f"uniform dequantisation x = (pixel + u) / {data.num_levels}, u ~ U[0,1), "
+            "seeded fresh noise per evaluation"
+        )
+    return out
+
+
 def sample_statistics(
     samples: np.ndarray, data: Dataset, *, max_points: int = 5000
 ) -> dict[str, float]:
@@ -445,7 +591,10 @@ def sample_statistics(
     finite = np.isfinite(samples).all(axis=tuple(range(1, samples.ndim)))
     out["sample_finite_fraction"] = float(finite.mean())
     s = samples[finite][:max_points].reshape(-1, data.dim)
-    t = data.test[:max_points].reshape(-1, data.dim)
+    t = data.test[:max_points]
+    if data.eval_transform is not None:  # image levels -> the model's [0, 1) scale
+        t = data.eval_transform(t, np.random.default_rng(0))
+    t = t.reshape(-1, data.dim)
     if len(s) > 1:
         out["sample_mmd2"] = mmd2_rbf(torch.as_tensor(s), torch.as_tensor(t))
     if data.log_density is not None and len(s):

@@ -60,7 +60,8 @@ show_logs() {
 gen_conf() {
     local mem_opt=""
     node="$(hostname -s)"
-    cpus="$(nproc)"
+    # Without OMP_NUM_THREADS, which nproc honours (the Makefile exports 1).
+    cpus="$(env -u OMP_NUM_THREADS -u OMP_THREAD_LIMIT nproc)"
     # RealMemory as slurmd itself detects it, so the node never goes INVAL.
     mem="$(slurmd -C 2>/dev/null | tr ' ' '\n' | sed -n 's/^RealMemory=\([0-9][0-9]*\)$/\1/p' | head -n 1 || true)"
     [[ -z "$mem" ]] || mem_opt=" RealMemory=$mem"

@@ -1,0 +1,55 @@
+"""DiffFlow: diffusion normalizing flows with a learned forward drift (DESIGN.md §1.4).
+
+* :mod:`cnf.diffflow.schedules` — time grids, diffusion schedules ``g(t)``,
+  fixed base drifts (registries).
+* :mod:`cnf.diffflow.chain` — the discretised forward/backward chains, the
+  path NELBO, its memory-saving ("stochastic adjoint") gradient, samplers.
+
+The :class:`~cnf.models.base.GenerativeModel` built from a config is
+:class:`cnf.models.diffflow.DiffFlow` (family ``diffflow``).
+
+References:
+    Zhang & Chen, "Diffusion Normalizing Flow", NeurIPS 2021, arXiv:2110.07579.
+"""
+
+from cnf.diffflow.chain import (
+    BACKPROP_MODES,
+    SAMPLERS,
+    CheckpointedPathNELBO,
+    Dynamics,
+    PathNELBO,
+    backward_noise,
+    forward_noise,
+    forward_path,
+    gaussian_prior_nll,
+    path_nelbo,
+    run_backward,
+)
+from cnf.diffflow.schedules import (
+    BASE_DRIFTS,
+    DIFFUSIONS,
+    GRIDS,
+    DiffusionSchedule,
+    TimeGrid,
+    build_diffusion,
+)
+
+__all__ = [
+    "BACKPROP_MODES",
+    "BASE_DRIFTS",
+    "CheckpointedPathNELBO",
+    "DIFFUSIONS",
+    "DiffusionSchedule",
+    "Dynamics",
+    "GRIDS",
+    "PathNELBO",
+    "SAMPLERS",
+    "TimeGrid",
+    "backward_noise",
+    "build_diffusion",
+    "forward_noise",
+    "forward_path",
+    "gaussian_prior_nll",
+    "path_nelbo",
+    "run_backward",
+]

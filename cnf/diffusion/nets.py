@@ -1,0 +1,314 @@
+"""Score networks: time embeddings, a time-conditioned MLP, output parameterisations.
+
+Data at t = 0, noise at t = 1 (DESIGN.md §1). A backbone ``net(t, x)``
+(:class:`ScoreMLP` for vectors, :class:`cnf.diffusion.unet.UNet` for images)
+predicts one of three targets, converted to the score ``s(t, x) ≈ ∇log p_t(x)``
+with the kernel ``p_{0t}(x_t | x_0) = N(m x_0, σ² I)`` of the SDE:
+
+* ``score`` — the network output *is* the score: ``s = out``;
+* ``noise`` — ε-prediction (DDPM): ``x_t = m x_0 + σ ε``, ``s = −ε̂/σ``;
+* ``data``  — x₀-prediction: ``s = (m x̂₀ − x)/σ²``.
+
+All three are exact reparameterisations of the same function (Tweedie:
+``E[x_0 | x_t] = (x_t + σ² ∇log p_t)/m``, ``E[ε | x_t] = −σ ∇log p_t``);
+they differ in conditioning. :func:`output_to_score` and
+:func:`score_to_output` convert between them; :class:`ScoreNetwork` wraps a
+backbone and an SDE into the score function the losses, likelihoods and
+samplers call.
+
+References:
+    Ho, Jain & Abbeel, "Denoising diffusion probabilistic models", NeurIPS 2020.
+    Song et al., "Score-based generative modeling through SDEs", ICLR 2021.
+    Tancik et al., "Fourier features let networks learn high frequency functions", NeurIPS 2020.
+    Kingma et al., "Variational diffusion models", NeurIPS 2021.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable, Sequence
+
+import torch
+from torch import Tensor, nn
+
+from cnf.diffusion.sde import LinearSDE, expand_as
+from cnf.nets import ACTIVATIONS, _activation_tangent, _lookup
+
+__all__ = [
+    "CONDITIONINGS",
+    "PARAMETERIZATIONS",
+    "TIME_EMBEDDINGS",
+    "GaussianFourierEmbedding",
+    "ScoreMLP",
+    "ScoreNetwork",
+    "SinusoidalEmbedding",
+    "build_time_embedding",
+    "output_to_score",
+    "score_to_output",
+]
+
+PARAMETERIZATIONS = ("score", "noise", "data")
+
+
+def _per_sample_time(t: Tensor | float, x: Tensor) -> Tensor:
+    """``t`` as a ``(B,)`` tensor in ``x``'s dtype (a scalar is broadcast to the batch)."""
+    t = torch.as_tensor(t, dtype=x.dtype, device=x.device)
+    return t.expand(x.shape[0]) if t.dim() == 0 else t.reshape(x.shape[0])
+
+
+# --------------------------------------------------------------- embeddings
+class SinusoidalEmbedding(nn.Module):
+    """Transformer-style ``[sin(ω_k s t), cos(ω_k s t)]`` with geometric ``ω_k``.
+
+    Args:
+        dim: Output width (even).
+        scale: The highest angular frequency; 1000 with t as input is DDPM's
+            embedding of its step index. Frequencies are geometric in
+            ``[scale/max_period, scale]``.
+        max_period: Ratio of the highest to the lowest frequency.
+    """
+
+    def __init__(self, dim: int, *, scale: float = 1000.0, max_period: float = 10000.0):
+        super().__init__()
+        if dim % 2:
+            raise ValueError(f"embedding dim must be even, got {dim}")
+        half = dim // 2
+        freqs = torch.exp(-math.log(max_period) * torch.arange(half) / max(half - 1, 1))
+        self.register_buffer("freqs", freqs * scale, persistent=False)
+        self.dim = dim
+
+    def forward(self, t: Tensor) -> Tensor:
+        """``t`` ``(B,)`` → ``(B, dim)``."""
+        arg = t.reshape(-1, 1) * self.freqs.to(t.dtype)
+        return torch.cat([arg.sin(), arg.cos()], dim=1)
+
+
+class GaussianFourierEmbedding(nn.Module):
+    """Random Fourier features ``[sin(2π w t), cos(2π w t)]``, ``w ~ N(0, scale²)`` fixed.
+
+    The frequencies are a (saved, untrained) buffer, so a checkpoint
+    reproduces the network exactly.
+    """
+
+    def __init__(self, dim: int, *, scale: float = 16.0):
+        super().__init__()
+        if dim % 2:
+            raise ValueError(f"embedding dim must be even, got {dim}")
+        self.register_buffer("w", torch.randn(dim // 2) * scale)
+        self.dim = dim
+
+    def forward(self, t: Tensor) -> Tensor:
+        arg = 2 * math.pi * t.reshape(-1, 1) * self.w.to(t.dtype)
+        return torch.cat([arg.sin(), arg.cos()], dim=1)
+
+
+class IdentityEmbedding(nn.Module):
+    """Raw time as a single feature."""
+
+    def __init__(self, dim: int = 1, **_: float):
+        super().__init__()
+        self.dim = 1
+
+    def forward(self, t: Tensor) -> Tensor:
+        return t.reshape(-1, 1)
+
+
+TIME_EMBEDDINGS: dict[str, Callable[..., nn.Module]] = {
+    "sinusoidal": SinusoidalEmbedding,
+    "fourier": GaussianFourierEmbedding,
+    "none": IdentityEmbedding,
+}
+
+
+def build_time_embedding(name: str, dim: int, *, scale: float | None = None) -> nn.Module:
+    """Registry lookup: ``sinusoidal`` | ``fourier`` | ``none`` (the raw input).
+
+    ``scale``: the highest angular frequency of ``sinusoidal`` (default 1000) or
+    the frequency std of ``fourier`` (default 16).
+    """
+    cls = _lookup(TIME_EMBEDDINGS, name, "time embedding")
+    if name == "none" or scale is None:
+        return cls(dim)
+    return cls(dim, scale=scale)
+
+
+# ----------------------------------------------------------------------- MLP
+class ScoreMLP(nn.Module):
+    """MLP ``(t, x) -> y`` with the time embedding added into every hidden layer.
+
+    ``h_{k+1} = act(W_k h_k + U_k e(t) + b_k)``, output ``W_L h_L + b_L``.
+    Every layer is affine in ``h`` with an additive time term, so the
+    Jacobian ``∂y/∂x`` propagates in forward mode (:meth:`forward_with_jacobian`),
+    which the exact divergence of the probability-flow ODE uses in low
+    dimension (see :class:`cnf.divergence.ExactDivergence`).
+
+    Args:
+        dim: Data dimension ``D``.
+        hidden_dims: Hidden widths.
+        activation: One of :data:`cnf.nets.ACTIVATIONS`.
+        time_embedding: One of :data:`TIME_EMBEDDINGS`.
+        embed_dim: Width of the time embedding.
+        embed_scale: Frequency scale of the embedding (None: its default).
+
+    Shapes: ``t`` scalar or ``(B,)``; ``x`` ``(B, D)``; output ``(B, D)``.
+    """
+
+    def __init__(
+        self,
+        dim: int,
+        hidden_dims: Sequence[int] = (128, 128, 128),
+        *,
+        activation: str = "swish",
+        time_embedding: str = "sinusoidal",
+        embed_dim: int = 32,
+        embed_scale: float | None = None,
+    ):
+        super().__init__()
+        act_cls = _lookup(ACTIVATIONS, activation, "activation")
+        self.embed = build_time_embedding(time_embedding, embed_dim, scale=embed_scale)
+        dims = [dim, *hidden_dims]
+        self.linears = nn.ModuleList(nn.Linear(a, b) for a, b in zip(dims[:-1], dims[1:]))
+        self.time_proj = nn.ModuleList(nn.Linear(self.embed.dim, b, bias=False) for b in dims[1:])
+        self.acts = nn.ModuleList(act_cls() for _ in dims[1:])
+        self.out = nn.Linear(dims[-1], dim)
+
+    def forward(self, t: Tensor | float, x: Tensor) -> Tensor:
+        e = self.embed(_per_sample_time(t, x))
+        h = x
+        for lin, proj, act in zip(self.linears, self.time_proj, self.acts):
+            h = act(lin(h) + proj(e))
+        return self.out(h)
+
+    def forward_with_jacobian(self, t: Tensor | float, x: Tensor) -> tuple[Tensor, Tensor]:
+        """Output and Jacobian ``J[i, b, j] = ∂y_j/∂x_i`` (shape ``(D, B, D)``)."""
+        batch, d = x.shape
+        e = self.embed(_per_sample_time(t, x))
+        h = x
+        # (D, 1, D): identical for every sample until the first activation, so
+        # the tangents broadcast over the batch for free.
+        dh = torch.eye(d, dtype=x.dtype, device=x.device).unsqueeze(1)
+        for lin, proj, act in zip(self.linears, self.time_proj, self.acts):
+            a = lin(h) + proj(e)
+            h = act(a)
+            dh = _activation_tangent(act, a, h, torch.nn.functional.linear(dh, lin.weight))
+        jac = torch.nn.functional.linear(dh, self.out.weight)
+        return self.out(h), jac.expand(d, batch, jac.shape[-1])
+
+
+# ---------------------------------------------------------- parameterisation
+def _check_parameterization(name: str) -> None:
+    if name not in PARAMETERIZATIONS:
+        raise ValueError(
+            f"unknown parameterization '{name}'; valid: {', '.join(PARAMETERIZATIONS)}"
+        )
+
+
+def output_to_score(
+    output: Tensor, x: Tensor, t: Tensor, sde: LinearSDE, parameterization: str
+) -> Tensor:
+    """Convert a network output to the score ``s(t, x)``.
+
+    Args:
+        output: Network prediction ``(B, *event)`` (score, ε̂ or x̂₀).
+        x: The noisy input ``x_t`` ``(B, *event)``.
+        t: Times, shape ``()`` or ``(B,)``.
+    """
+    _check_parameterization(parameterization)
+    if parameterization == "score":
+        return output
+    m, s = sde.marginal(t)
+    m, s = expand_as(m, x), expand_as(s, x)
+    if parameterization == "noise":
+        return -output / s
+    return (m * output - x) / s.pow(2)
+
+
+def score_to_output(
+    score: Tensor, x: Tensor, t: Tensor, sde: LinearSDE, parameterization: str
+) -> Tensor:
+    """Inverse of :func:`output_to_score`: the target a network of each kind should output."""
+    _check_parameterization(parameterization)
+    if parameterization == "score":
+        return score
+    m, s = sde.marginal(t)
+    m, s = expand_as(m, x), expand_as(s, x)
+    if parameterization == "noise":
+        return -s * score
+    return (x + s.pow(2) * score) / m
+
+
+CONDITIONINGS = ("time", "log_sigma")
+
+
+class ScoreNetwork(nn.Module):
+    """The score function ``s(t, x)`` of a backbone in a given parameterisation.
+
+    Args:
+        net: Backbone ``(c, x) -> output`` with the noise-level input ``c`` of shape ``(B,)``.
+        sde: The forward SDE (gives ``m(t)``, ``σ(t)`` for the conversions).
+        parameterization: ``score`` | ``noise`` | ``data``.
+        conditioning: What the backbone sees as ``c``: ``time`` (t itself) or
+            ``log_sigma`` (``log(σ(t)/m(t))``, minus half the log signal-to-noise
+            ratio; VDM/EDM-style). The latter spreads t ∈ [ε, 1], where σ spans
+            3.5 decades for VP, evenly over the input (about [−5.8, 5.0] for VP),
+            so smooth low-frequency embeddings resolve small noise levels — and
+            the probability-flow ODE stays cheap for adaptive solvers.
+
+    ``forward(t, x)`` accepts a scalar or ``(B,)`` ``t``. If the backbone has
+    ``forward_with_jacobian``, so does this module (``score_with_jacobian``),
+    since each conversion is affine in the output with time-only factors.
+    """
+
+    def __init__(
+        self,
+        net: nn.Module,
+        sde: LinearSDE,
+        parameterization: str = "noise",
+        *,
+        conditioning: str = "time",
+    ):
+        super().__init__()
+        _check_parameterization(parameterization)
+        if conditioning not in CONDITIONINGS:
+            raise ValueError(
+                f"unknown conditioning '{conditioning}'; valid: {', '.join(CONDITIONINGS)}"
+            )
+        self.net = net
+        self.sde = sde
+        self.parameterization = parameterization
+        self.conditioning = conditioning
+
+    def noise_input(self, t: Tensor) -> Tensor:
+        """The backbone's conditioning input ``c(t)``, shape ``(B,)``."""
+        if self.conditioning == "time":
+            return t
+        m, s = self.sde.marginal(t)
+        return torch.log(s / m)
+
+    @property
+    def has_jacobian(self) -> bool:
+        return hasattr(self.net, "forward_with_jacobian")
+
+    def forward(self, t: Tensor | float, x: Tensor) -> Tensor:
+        t = _per_sample_time(t, x)
+        out = self.net(self.noise_input(t), x)
+        return output_to_score(out, x, t, self.sde, self.parameterization)
+
+    def output(self, t: Tensor | float, x: Tensor) -> Tensor:
+        """The raw backbone prediction (score, ε̂ or x̂₀)."""
+        return self.net(self.noise_input(_per_sample_time(t, x)), x)
+
+    def score_with_jacobian(self, t: Tensor | float, x: Tensor) -> tuple[Tensor, Tensor]:
+        """Score and its Jacobian ``J[i, b, j] = ∂s_j/∂x_i`` for vector data ``(B, D)``."""
+        t = _per_sample_time(t, x)
+        out, jac = self.net.forward_with_jacobian(self.noise_input(t), x)
+        score = output_to_score(out, x, t, self.sde, self.parameterization)
+        if self.parameterization == "score":
+            return score, jac
+        m, s = self.sde.marginal(t)
+        if self.parameterization == "noise":
+            return score, -jac / s.reshape(1, -1, 1)
+        # s = (m x̂₀ − x)/σ²: J_s = (m J_out − I)/σ².
+        eye = torch.eye(x.shape[1], dtype=x.dtype, device=x.device).unsqueeze(1)
+        jac = (m.reshape(1, -1, 1) * jac - eye) / s.pow(2).reshape(1, -1, 1)
+        return score, jac
