@@ -6,11 +6,15 @@ distribution at t = T (T = 1 unless learned).
 
 from cnf.cost import cost_curve, parse_cost_grid
 from cnf.data import DATASETS, Dataset, build_dataset
+from cnf.diffusion import SAMPLERS, SDES, build_sde
 from cnf.divergence import ExactDivergence, HutchinsonDivergence, build_divergence, sample_probe
 from cnf.flows import CNF, Flow, MovingBatchNorm, SequentialFlow, build_flow
 from cnf.models import MODELS, EvalOutput, GenerativeModel, LossOutput, build_model
 from cnf.models.diffflow import DiffFlow
+from cnf.models.flow import FlowModel
 from cnf.models.flow_matching import FlowMatchingModel
+from cnf.models.indm import INDM
+from cnf.models.score import ScoreModel
 from cnf.nets import ACTIVATIONS, LAYERS, TimeMLP
 from cnf.solve import ODESolution, SolverConfig, integrate
 from cnf.tables import build_table, load_table_spec
@@ -27,13 +31,18 @@ __all__ = [
     "ExactDivergence",
     "Flow",
     "FlowMatchingModel",
+    "FlowModel",
     "GenerativeModel",
     "HutchinsonDivergence",
+    "INDM",
     "LAYERS",
     "LossOutput",
     "MODELS",
     "MovingBatchNorm",
     "ODESolution",
+    "SAMPLERS",
+    "SDES",
+    "ScoreModel",
     "SequentialFlow",
     "SolverConfig",
     "TimeMLP",
@@ -41,6 +50,7 @@ __all__ = [
     "build_divergence",
     "build_flow",
     "build_model",
+    "build_sde",
     "build_table",
     "cost_curve",
     "integrate",

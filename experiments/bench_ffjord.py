@@ -47,7 +47,9 @@ ORIGINAL = [
     "model.jacobian=0.0",
     "train.batch_size=100",
     "train.lr=1e-3",
+    "train.weight_decay=1e-5",  # the original optimiser default
     "train.schedule=constant",
+    "train.optimizer=adam",
 ]
 MODES = {
     "backprop": ["model.solver.adjoint=false"],
@@ -61,7 +63,7 @@ def run(overrides: list[str], iters: int, checkpoints: tuple[int, ...], num_test
     data = build_dataset(cfg.data.name, test_size=num_test, val_size=10)
     torch.manual_seed(cfg.seed)
     model = build_model(cfg, data.event_shape)
-    opt = torch.optim.Adam(model.parameters(), lr=cfg.train.lr)
+    opt = torch.optim.Adam(model.parameters(), lr=cfg.train.lr, weight_decay=cfg.train.weight_decay)
     if cfg.train.schedule == "cosine":
         sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, T_max=iters)
     else:

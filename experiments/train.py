@@ -190,7 +190,7 @@ def format_final(final: dict) -> str:
         lines.append(s)
     if "test_nelbo" in final:
         lines.append(
-            f"test NELBO (upper bound on NLL) {final['test_nelbo']:.4f} ± {final['test_nelbo_stderr']:.4f} nats"
+            f"test NELBO (upper bound on the NLL of the SDE/chain model) {final['test_nelbo']:.4f} ± {final['test_nelbo_stderr']:.4f} nats"
         )
     if "test_bpd" in final:
         lines.append(f"test bits/dim {final['test_bpd']:.4f}")

@@ -30,11 +30,12 @@ NOT_TRAINING = ("sweeps", "tables")
 
 SMOKE = (
     "train.iters=2",
+    "train.batch_size=16",  # paper-scale batches of image models take minutes on a CPU
     "train.log_every=1",
     "data.test_size=100",
     "data.val_size=50",
-    "eval.num_samples=64",
-    "eval.batch_size=100",
+    "eval.num_samples=16",
+    "eval.batch_size=50",
     "eval.plots=false",
     "eval.solver.rtol=1e-3",  # an untrained model's adaptive solve is costly at 1e-5
     "eval.solver.atol=1e-3",
@@ -46,7 +47,7 @@ SMOKE = (
 def write_fake_mnist(folder: Path) -> None:
     """Tiny random stand-ins for MNIST's IDX files (the real ones are not downloaded here)."""
     rng = np.random.default_rng(0)
-    for split, n in (("train", 300), ("t10k", 40)):
+    for split, n in (("train", 200), ("t10k", 16)):
         images = rng.integers(0, 256, size=(n, 28, 28), dtype=np.uint8)
         header = bytes([0, 0, 0x08, 3]) + np.array([n, 28, 28], dtype=">i4").tobytes()
         (folder / f"{split}-images-idx3-ubyte").write_bytes(header + images.tobytes())
@@ -55,7 +56,7 @@ def write_fake_mnist(folder: Path) -> None:
 def write_fake_cifar10(folder: Path) -> None:
     """Tiny random stand-ins for CIFAR-10's python batches (protocol 2, like the originals)."""
     rng = np.random.default_rng(0)
-    for name, n in [(f"data_batch_{i}", 60) for i in range(1, 6)] + [("test_batch", 40)]:
+    for name, n in [(f"data_batch_{i}", 40) for i in range(1, 6)] + [("test_batch", 16)]:
         blob = {
             b"data": rng.integers(0, 256, size=(n, 3072), dtype=np.uint8),
             b"labels": [int(v) for v in rng.integers(0, 10, n)],
@@ -64,8 +65,19 @@ def write_fake_cifar10(folder: Path) -> None:
             pickle.dump(blob, fh, protocol=2)
 
 
+def write_fake_celeba64(folder: Path) -> None:
+    """Tiny random stand-ins for the preprocessed CelebA-64 arrays."""
+    rng = np.random.default_rng(0)
+    for split, n in (("train", 40), ("test", 8)):
+        np.save(folder / f"celeba64_{split}.npy", rng.integers(0, 256, (n, 64, 64, 3), np.uint8))
+
+
 # Data sets whose files are not in the repository: the smoke run uses fakes.
-FAKE_DATA = {"mnist": write_fake_mnist, "cifar10": write_fake_cifar10}
+FAKE_DATA = {
+    "mnist": write_fake_mnist,
+    "cifar10": write_fake_cifar10,
+    "celeba64": write_fake_celeba64,
+}
 
 
 def training_configs() -> list[Path]:
@@ -80,7 +92,14 @@ def test_configs_are_found() -> None:
     assert CONFIG_ROOT / "ffjord" / "toy.yaml" in training_configs()
 
 
-@pytest.mark.parametrize("path", training_configs(), ids=lambda p: str(p.relative_to(CONFIG_ROOT)))
+def _param(path: Path):
+    # Full-size image data sets (faked here) come with paper-scale U-Nets: slow on a CPU.
+    name = OmegaConf.select(OmegaConf.load(path), "data.name")
+    marks = [pytest.mark.slow] if name in FAKE_DATA else []
+    return pytest.param(path, marks=marks, id=str(path.relative_to(CONFIG_ROOT)))
+
+
+@pytest.mark.parametrize("path", [_param(p) for p in training_configs()])
 def test_config_trains_two_iterations(path: Path, tmp_path: Path) -> None:
     raw = OmegaConf.load(path)
     if "model" not in raw and "_base_" not in raw:

@@ -391,6 +391,9 @@ def test_config_smoke_run(tmp_path, config):
             "eval.plots=false",
             "track.wandb=disabled",
             "model.backprop=checkpointed",
+            "model.progressive_steps=[3]",  # iteration 1 with 3 steps, then model.steps
+            "model.progressive_iters=[1]",
+            "train.log_every=1",
             f"run.dir={tmp_path / 'run'}",
         ],
     )
@@ -398,8 +401,25 @@ def test_config_smoke_run(tmp_path, config):
     trainer.prepare()
     assert trainer.train() == "finished"
     assert len(trainer.optimizer.param_groups) == 2  # drift and score
+    lines = (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()
+    assert [json.loads(line)["steps"] for line in lines] == [3, cfg.model.steps]
     trainer.final_metrics()
     final = json.loads((tmp_path / "run" / "final.json").read_text())
     for key in ("test_nelbo", "test_nelbo_stderr", "sample_nfe"):
         assert math.isfinite(final[key]), key
     assert "test_nll" not in final
+
+
+@pytest.mark.slow
+def test_mnist_config_builds_and_steps():
+    """The cluster MNIST config (U-Nets, checkpointed backprop): one step at N = 2."""
+    from cnf.config import load_config
+    from cnf.models import build_model
+
+    cfg = load_config(REPO / "configs/diffflow/mnist.yaml", ["data.path=/unused", "model.steps=2"])
+    torch.manual_seed(0)
+    model = build_model(cfg, (1, 28, 28))
+    out = model.training_loss(torch.rand(2, 1, 28, 28))
+    out.loss.backward()
+    assert math.isfinite(float(out.loss.detach())) and model.backward_stats()["nfe_backward"] == 5
+    assert all(p.grad is not None for p in model.score_net.parameters())

@@ -319,7 +319,10 @@ def test_probability_flow_hutchinson_and_jacobian_paths():
     # 200 copies of each point, one probe each: per-point mean and standard error.
     k = 200
     hutch, _ = probability_flow_nll(
-        score, sde, x.repeat(k, 1), solver=solver,
+        score,
+        sde,
+        x.repeat(k, 1),
+        solver=solver,
         divergence=HutchinsonDivergence("rademacher", generator=gen(11)),
     )
     hutch = hutch.detach().reshape(k, -1)
@@ -514,10 +517,12 @@ def test_vp_toy_config_trains_end_to_end(tmp_path):
         REPO / "configs/score/vp_toy.yaml",
         [
             "train.iters=3",
+            "train.batch_size=64",
             "data.test_size=64",
             "data.val_size=16",
             "eval.num_samples=64",
             "eval.batch_size=64",
+            "model.nelbo_samples=4",
             "eval.plots=false",
             "eval.solver.method=rk4",
             "eval.solver.steps=8",
@@ -533,6 +538,7 @@ def test_vp_toy_config_trains_end_to_end(tmp_path):
         assert key in final and math.isfinite(final[key]), key
 
 
+@pytest.mark.slow
 def test_digits_config_smoke(tmp_path):
     """configs/score/vp_digits.yaml builds and takes two steps (if the digits data set exists)."""
     from cnf.config import load_config

@@ -1,4 +1,4 @@
-"""Image data: scikit-learn's 8×8 digits, MNIST and CIFAR-10 files; dequantisation; bits/dim.
+"""Image data: scikit-learn's 8×8 digits, MNIST, CIFAR-10 and CelebA-64 files; dequantisation; bits/dim.
 
 Pixels are integer *levels* ``0 … L−1`` (L = 17 for the digits, whose values
 are 0–16; L = 256 for MNIST and CIFAR-10). A model sees continuous data in
@@ -31,6 +31,8 @@ File formats (read from ``data.path``, a directory; nothing is downloaded):
 * CIFAR-10 — the python pickles ``data_batch_1`` … ``data_batch_5`` and
   ``test_batch`` in ``cifar-10-batches-py/`` (the directory itself or a
   sub-folder of it). Each holds ``b"data"``: ``(N, 3072)`` uint8, channel-major.
+* CelebA-64 — ``celeba64_train.npy`` and ``celeba64_test.npy``, uint8
+  ``(N, 64, 64, 3)``, preprocessed once (:func:`load_celeba64`).
 
 References:
     Theis, van den Oord & Bethge, "A note on the evaluation of generative
@@ -57,6 +59,7 @@ __all__ = [
     "ImageArrays",
     "bpd_offset",
     "dequantize",
+    "load_celeba64",
     "load_cifar10",
     "load_digits_images",
     "load_mnist",
@@ -274,8 +277,43 @@ def load_cifar10(path: str | Path | None, *, val_size: int = 5000) -> ImageArray
     return _hold_out(train, test, val_size, num_levels=256)
 
 
+# ---------------------------------------------------------------- CelebA 64×64
+def load_celeba64(path: str | Path | None, *, val_size: int = 5000) -> ImageArrays:
+    """CelebA at 64×64 from two preprocessed uint8 arrays; ``val_size`` training images held out.
+
+    Expects ``celeba64_train.npy`` and ``celeba64_test.npy`` in ``data.path``,
+    uint8 of shape ``(N, 64, 64, 3)`` or ``(N, 3, 64, 64)``, read with
+    ``allow_pickle=False``. They are made once from the aligned CelebA images
+    as in Score SDE / INDM: central 140×140 crop, resized to 64×64, split by
+    the official ``list_eval_partition.txt`` (train 0, test 2).
+
+    Raises:
+        DataError: no such directory, missing or malformed arrays.
+    """
+    folder = _check_dir(path, "celeba64")
+    arrays = []
+    for split in ("train", "test"):
+        f = folder / f"celeba64_{split}.npy"
+        if not f.is_file():
+            raise DataError(
+                f"data.path {folder}: {f.name} not found (expected celeba64_train.npy and "
+                "celeba64_test.npy, uint8 (N, 64, 64, 3))"
+            )
+        try:
+            x = np.load(f, allow_pickle=False)
+        except Exception as e:
+            raise DataError(f"cannot read {f}: {str(e).splitlines()[0]}") from None
+        if x.ndim == 4 and x.shape[1:] == (64, 64, 3):
+            x = x.transpose(0, 3, 1, 2)
+        if x.dtype != np.uint8 or x.shape[1:] != (3, 64, 64):
+            raise DataError(f"{f}: expected uint8 (N, 64, 64, 3) images, got {x.dtype} {x.shape}")
+        arrays.append(np.ascontiguousarray(x))
+    return _hold_out(arrays[0], arrays[1], val_size, num_levels=256)
+
+
 IMAGE_DATASETS: dict[str, Callable[..., ImageArrays]] = {
     "digits": lambda path=None, val_size=0: load_digits_images(),
     "mnist": lambda path=None, val_size=5000: load_mnist(path, val_size=val_size),
     "cifar10": lambda path=None, val_size=5000: load_cifar10(path, val_size=val_size),
+    "celeba64": lambda path=None, val_size=5000: load_celeba64(path, val_size=val_size),
 }

@@ -33,7 +33,7 @@ from cnf.diffusion.samplers import (
     sdeint_sample,
 )
 from cnf.diffusion.score import WEIGHTINGS, decoder_constant, dsm_loss, nelbo, prior_kl
-from cnf.diffusion.sde import SDES, LinearSDE, SubVPSDE, VESDE, VPSDE, build_sde
+from cnf.diffusion.sde import SDES, VESDE, VPSDE, LinearSDE, SubVPSDE, build_sde
 from cnf.diffusion.unet import UNet
 
 __all__ = [

@@ -163,8 +163,13 @@ def dsm_loss(
     b = x0.shape[0]
     if t is None:
         t, w = sample_time(
-            sde, b, weighting=weighting, eps=eps, generator=generator,
-            dtype=x0.dtype, device=x0.device,
+            sde,
+            b,
+            weighting=weighting,
+            eps=eps,
+            generator=generator,
+            dtype=x0.dtype,
+            device=x0.device,
         )
     else:
         w = _weight_at(sde, t, weighting, eps)
@@ -254,7 +259,9 @@ def nelbo(
     step = chunk if chunk > 0 else num_t * b
     for i in range(0, num_t * b, step):
         sl = slice(i, i + step)
-        per[sl] = dsm_loss(score_fn, sde, xs[sl], weighting=weighting, eps=eps, t=t[sl], noise=z[sl])
+        per[sl] = dsm_loss(
+            score_fn, sde, xs[sl], weighting=weighting, eps=eps, t=t[sl], noise=z[sl]
+        )
     if control_variate:
         m, s = sde.marginal(t)
         c = (m.pow(2) / (m.pow(2) + s.pow(2))).pow(2)

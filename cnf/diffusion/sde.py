@@ -238,7 +238,12 @@ class _BetaSchedule(LinearSDE):
         return 1.0
 
     def describe(self) -> dict[str, Any]:
-        return {"sde": self.name, "beta_min": self.beta_min, "beta_max": self.beta_max, "eps": self.eps}
+        return {
+            "sde": self.name,
+            "beta_min": self.beta_min,
+            "beta_max": self.beta_max,
+            "eps": self.eps,
+        }
 
 
 class VPSDE(_BetaSchedule):
@@ -335,7 +340,12 @@ class VESDE(LinearSDE):
         return torch.logaddexp(phi, torch.zeros_like(phi)) / (2 * self._log_ratio)
 
     def describe(self) -> dict[str, Any]:
-        return {"sde": self.name, "sigma_min": self.sigma_min, "sigma_max": self.sigma_max, "eps": self.eps}
+        return {
+            "sde": self.name,
+            "sigma_min": self.sigma_min,
+            "sigma_max": self.sigma_max,
+            "eps": self.eps,
+        }
 
 
 SDES: dict[str, type[LinearSDE]] = {"vp": VPSDE, "subvp": SubVPSDE, "ve": VESDE}

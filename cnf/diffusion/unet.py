@@ -154,8 +154,11 @@ class UNet(nn.Module):
                 self.up.append(ResBlock(ch + skips.pop(), channels * mult, **block))
                 ch = channels * mult
             if level > 0:
-                self.up.append(nn.Sequential(nn.Upsample(scale_factor=2, mode="nearest"),
-                                             nn.Conv2d(ch, ch, 3, padding=1)))
+                self.up.append(
+                    nn.Sequential(
+                        nn.Upsample(scale_factor=2, mode="nearest"), nn.Conv2d(ch, ch, 3, padding=1)
+                    )
+                )
         self.norm_out = _norm(ch, groups)
         self.conv_out = _zero(nn.Conv2d(ch, c, 3, padding=1))
 

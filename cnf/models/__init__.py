@@ -11,7 +11,9 @@ from cnf.divergence import build_divergence
 from cnf.models.base import EvalOutput, GenerativeModel, LossOutput
 from cnf.models.diffflow import DiffFlow, DiffFlowSchema, build_diffflow, validate_diffflow
 from cnf.models.ffjord import FFJORD, FFJORDSchema, SolverSchema, build_ffjord, solver_from
+from cnf.models.flow import FlowModel, FlowSchema, build_flow_model, validate_flow
 from cnf.models.flow_matching import FlowMatchingModel, FlowMatchingSchema, build_flow_matching
+from cnf.models.indm import INDM, INDMSchema, build_indm, validate_indm
 from cnf.models.score import ScoreModel, ScoreSchema, build_score, validate_score
 from cnf.nets import ACTIVATIONS, LAYERS
 
@@ -21,6 +23,8 @@ __all__ = [
     "EvalOutput",
     "FFJORD",
     "FlowMatchingModel",
+    "FlowModel",
+    "INDM",
     "GenerativeModel",
     "LossOutput",
     "ModelSpec",
@@ -137,6 +141,18 @@ def _build_fm(cfg: Mapping[str, Any], event_shape: tuple[int, ...]) -> Generativ
     )
 
 
+def _build_indm(cfg: Mapping[str, Any], event_shape: tuple[int, ...]) -> GenerativeModel:
+    dim = 1
+    for s in event_shape:
+        dim *= s
+    return build_indm(
+        cfg["model"],
+        event_shape,
+        eval_solver=solver_from(cfg["eval"]["solver"]),
+        eval_divergence=eval_divergence_from(cfg, dim),
+    )
+
+
 MODELS: dict[str, ModelSpec] = {
     "ffjord": ModelSpec(FFJORDSchema, _validate_ffjord, _build_ffjord),
     "fm": ModelSpec(FlowMatchingSchema, _validate_fm, _build_fm),
@@ -144,6 +160,10 @@ MODELS: dict[str, ModelSpec] = {
     "diffflow": ModelSpec(
         DiffFlowSchema, validate_diffflow, lambda cfg, shape: build_diffflow(cfg["model"], shape)
     ),
+    "flow": ModelSpec(
+        FlowSchema, validate_flow, lambda cfg, shape: build_flow_model(cfg["model"], shape)
+    ),
+    "indm": ModelSpec(INDMSchema, validate_indm, lambda cfg, shape: _build_indm(cfg, shape)),
 }
 
 

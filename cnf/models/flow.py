@@ -13,7 +13,9 @@ maps data ``x`` to ``z``; the model density is
   residual flow the log-det is computed by the brute-force Jacobian when the
   dimension is at most ``logdet_exact_max_dim`` (exact), otherwise by a long
   power series (``logdet_series_terms`` terms, Hutchinson probe: an
-  estimate); ``stats["flow_logdet_exact"]`` is 1 or 0 accordingly;
+  estimate) or, with ``logdet_series_terms = 0``, by the flow's own training
+  estimator (Russian roulette: unbiased, cheap in high dimension);
+  ``stats["flow_logdet_exact"]`` is 1 or 0 accordingly;
 * ``sample`` — ``x = f^{-1}(τ·ε)``, ``ε ~ N(0, I)``, τ the temperature.
 
 Optional fixed preprocessing before the flow, whose log-determinant is added
@@ -22,7 +24,7 @@ a logit map ``logit(α + (1 − 2α)x)`` for data in [0, 1] (``logit_alpha > 0``
 RealNVP §4.1) and an affine map ``data_scale·x + data_shift``.
 
 **Cost settings** (``evaluate``/``sample``): ``temperature`` (sampling),
-``logdet`` (``exact`` | ``series``, residual flows) and ``series_terms``.
+``logdet`` (``exact`` | ``series`` | ``own``, residual flows) and ``series_terms``.
 
 References:
     Dinh, Krueger & Bengio, "NICE", ICLR workshop 2015.
@@ -61,7 +63,7 @@ __all__ = [
 ]
 
 COST_KEYS = frozenset({"temperature", "logdet", "series_terms"})
-LOGDET_MODES = ("exact", "series")
+LOGDET_MODES = ("exact", "series", "own")
 
 
 @dataclass
@@ -77,7 +79,7 @@ class FlowSchema:
     data_shift: float = 0.0
     temperature: float = 1.0  # sampling: z ~ N(0, τ² I)
     logdet_exact_max_dim: int = 16  # resflow evaluation: exact log-det up to this dimension
-    logdet_series_terms: int = 50  # ... else a power series with this many terms
+    logdet_series_terms: int = 50  # ... else a power series with this many terms (0: own estimator)
 
 
 # ------------------------------------------------------------------ helpers
@@ -126,14 +128,21 @@ def _residual_blocks(flow: nn.Module) -> list[ResidualBlock]:
 
 @contextlib.contextmanager
 def eval_logdet(
-    flow: nn.Module, dim: int, *, mode: str | None = None, exact_max_dim: int = 16, series_terms: int = 50
+    flow: nn.Module,
+    dim: int,
+    *,
+    mode: str | None = None,
+    exact_max_dim: int = 16,
+    series_terms: int = 50,
 ) -> Iterator[bool | None]:
     """Temporarily give every residual block an evaluation log-det estimator.
 
     Args:
         flow: A flow; blocks other than :class:`ResidualBlock` are untouched.
         dim: Dimension of the data (decides ``exact`` vs ``series`` when ``mode`` is None).
-        mode: ``exact`` (brute-force Jacobian) | ``series`` | None (automatic).
+        mode: ``exact`` (brute-force Jacobian) | ``series`` | ``own`` (keep
+            each block's training estimator) | None (automatic: ``exact`` up to
+            ``exact_max_dim``, else ``series``, or ``own`` if ``series_terms`` is 0).
         exact_max_dim: Largest dimension for the automatic ``exact`` choice.
         series_terms: Terms of the power series (Hutchinson probe).
 
@@ -145,9 +154,12 @@ def eval_logdet(
     if not blocks:
         yield None
         return
-    mode = mode or ("exact" if dim <= exact_max_dim else "series")
+    mode = mode or ("exact" if dim <= exact_max_dim else "series" if series_terms > 0 else "own")
     if mode not in LOGDET_MODES:
         raise ValueError(f"unknown logdet mode '{mode}'; valid: {', '.join(LOGDET_MODES)}")
+    if mode == "own":
+        yield False
+        return
     est: LogDetEstimator = ExactLogDet() if mode == "exact" else SeriesLogDet(n_terms=series_terms)
     old = [b.logdet_estimator for b in blocks]
     for b in blocks:
@@ -325,10 +337,12 @@ def validate_flow(m: Mapping[str, Any]) -> None:
     """Check a ``family: flow`` model section; raises ``ValueError("model.key: ...")``."""
     check_flow_section(m)
     if not 0 <= m["logit_alpha"] < 0.5:
-        raise ValueError(f"model.logit_alpha: must be in [0, 0.5) (0 = off), got {m['logit_alpha']}")
+        raise ValueError(
+            f"model.logit_alpha: must be in [0, 0.5) (0 = off), got {m['logit_alpha']}"
+        )
     if m["data_scale"] == 0:
         raise ValueError("model.data_scale: must be non-zero")
     if m["temperature"] <= 0:
         raise ValueError(f"model.temperature: must be > 0, got {m['temperature']}")
-    if m["logdet_exact_max_dim"] < 0 or m["logdet_series_terms"] < 1:
-        raise ValueError("model.logdet_exact_max_dim/logdet_series_terms: need >= 0 and >= 1")
+    if m["logdet_exact_max_dim"] < 0 or m["logdet_series_terms"] < 0:
+        raise ValueError("model.logdet_exact_max_dim/logdet_series_terms: must be >= 0")

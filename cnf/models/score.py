@@ -228,8 +228,14 @@ class ScoreModel(GenerativeModel):
                 sde_steps = int(cost["steps"])
         solver = self.eval_solver
         if solver_changes:
-            if "steps" in solver_changes and "method" not in solver_changes and not solver.fixed_step:
-                raise ValueError("cost 'steps' with the ODE needs a fixed-step 'method' (e.g. euler, rk4)")
+            if (
+                "steps" in solver_changes
+                and "method" not in solver_changes
+                and not solver.fixed_step
+            ):
+                raise ValueError(
+                    "cost 'steps' with the ODE needs a fixed-step 'method' (e.g. euler, rk4)"
+                )
             solver = solver.with_(**solver_changes)
         out["solver"] = solver
         out["steps"] = sde_steps
