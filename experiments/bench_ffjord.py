@@ -91,6 +91,7 @@ def run(overrides: list[str], iters: int, checkpoints: tuple[int, ...], num_test
                 "test_nll": ev["nll"],
                 "test_nll_stderr": ev["nll_stderr"],
             }
+            print(f"  iter {it}: {json.dumps(out[it])}", flush=True)
     return out
 
 
@@ -109,7 +110,7 @@ def main() -> int:
     for mode in args.modes.split(","):
         if mode not in MODES:
             _cli.fail(f"unknown mode '{mode}'; valid: {', '.join(MODES)}")
-        res = run(ORIGINAL + MODES[mode], args.iters, (min(200, args.iters), args.iters), args.num_test)
+        res = run(ORIGINAL + MODES[mode], args.iters, tuple(sorted({*range(200, args.iters, 200), min(200, args.iters), args.iters})), args.num_test)
         rows.append((f"original/{mode}", res))
         print(f"done original/{mode}", flush=True)
     if not args.skip_default:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
@@ -85,16 +86,19 @@ def eval_divergence_from(cfg: Mapping[str, Any], dim: int):
     return build_divergence(name, probe=ev["probe"], num_probes=ev["num_probes"])
 
 
-def _build_ffjord(cfg: Mapping[str, Any], event_shape: tuple[int, ...]) -> GenerativeModel:
-    dim = 1
-    for s in event_shape:
-        dim *= s
-    return build_ffjord(
-        cfg["model"],
-        event_shape,
-        eval_solver=solver_from(cfg["eval"]["solver"]),
-        eval_divergence=eval_divergence_from(cfg, dim),
-    )
+def _with_eval_settings(build: Callable[..., GenerativeModel]):
+    """Adapt ``build(model_cfg, event_shape, *, eval_solver, eval_divergence)`` to a ModelSpec builder."""
+
+    def builder(cfg: Mapping[str, Any], event_shape: tuple[int, ...]) -> GenerativeModel:
+        dim = math.prod(event_shape)
+        return build(
+            cfg["model"],
+            event_shape,
+            eval_solver=solver_from(cfg["eval"]["solver"]),
+            eval_divergence=eval_divergence_from(cfg, dim),
+        )
+
+    return builder
 
 
 def _validate_fm(m: Mapping[str, Any]) -> None:
@@ -117,53 +121,17 @@ def _validate_fm(m: Mapping[str, Any]) -> None:
             raise ValueError(f"model.{key}: {m[key]} does not exist")
 
 
-def _build_score(cfg: Mapping[str, Any], event_shape: tuple[int, ...]) -> GenerativeModel:
-    dim = 1
-    for s in event_shape:
-        dim *= s
-    return build_score(
-        cfg["model"],
-        event_shape,
-        eval_solver=solver_from(cfg["eval"]["solver"]),
-        eval_divergence=eval_divergence_from(cfg, dim),
-    )
-
-
-def _build_fm(cfg: Mapping[str, Any], event_shape: tuple[int, ...]) -> GenerativeModel:
-    dim = 1
-    for s in event_shape:
-        dim *= s
-    return build_flow_matching(
-        cfg["model"],
-        event_shape,
-        eval_solver=solver_from(cfg["eval"]["solver"]),
-        eval_divergence=eval_divergence_from(cfg, dim),
-    )
-
-
-def _build_indm(cfg: Mapping[str, Any], event_shape: tuple[int, ...]) -> GenerativeModel:
-    dim = 1
-    for s in event_shape:
-        dim *= s
-    return build_indm(
-        cfg["model"],
-        event_shape,
-        eval_solver=solver_from(cfg["eval"]["solver"]),
-        eval_divergence=eval_divergence_from(cfg, dim),
-    )
-
-
 MODELS: dict[str, ModelSpec] = {
-    "ffjord": ModelSpec(FFJORDSchema, _validate_ffjord, _build_ffjord),
-    "fm": ModelSpec(FlowMatchingSchema, _validate_fm, _build_fm),
-    "score": ModelSpec(ScoreSchema, validate_score, _build_score),
+    "ffjord": ModelSpec(FFJORDSchema, _validate_ffjord, _with_eval_settings(build_ffjord)),
+    "fm": ModelSpec(FlowMatchingSchema, _validate_fm, _with_eval_settings(build_flow_matching)),
+    "score": ModelSpec(ScoreSchema, validate_score, _with_eval_settings(build_score)),
     "diffflow": ModelSpec(
         DiffFlowSchema, validate_diffflow, lambda cfg, shape: build_diffflow(cfg["model"], shape)
     ),
     "flow": ModelSpec(
         FlowSchema, validate_flow, lambda cfg, shape: build_flow_model(cfg["model"], shape)
     ),
-    "indm": ModelSpec(INDMSchema, validate_indm, lambda cfg, shape: _build_indm(cfg, shape)),
+    "indm": ModelSpec(INDMSchema, validate_indm, _with_eval_settings(build_indm)),
 }
 
 
