@@ -26,10 +26,10 @@ demo: venv
 	$(PY) experiments/train.py --config configs/ffjord/toy.yaml run.dir=runs/demo_ffjord_8gaussians $(ARGS)
 
 test: venv
-	$(PY) -m pytest -q -m "not slurm" tests $(ARGS)
+	$(PY) -m pytest -q -m "not slurm and not paper" tests $(ARGS)
 
 test-fast: venv
-	$(PY) -m pytest -q -m "not slurm and not slow" tests $(ARGS)
+	$(PY) -m pytest -q -m "not slurm and not slow and not paper" tests $(ARGS)
 
 test-slurm: venv
 	bash slurm/local/up.sh

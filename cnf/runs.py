@@ -29,7 +29,9 @@ class LoadedRun:
     final: dict[str, Any] | None
 
 
-def load_run(run_dir: str | Path, overrides: list[str] = (), *, device: str | None = None) -> LoadedRun:
+def load_run(
+    run_dir: str | Path, overrides: list[str] = (), *, device: str | None = None
+) -> LoadedRun:
     """Load ``run_dir``'s checkpoint with its embedded config (plus ``overrides``, e.g. ``eval.*``).
 
     Raises:

@@ -71,7 +71,9 @@ def run(overrides: list[str], iters: int, checkpoints: tuple[int, ...], num_test
     times, nfe_f, nfe_b, out = [], [], [], {}
     for it in range(1, iters + 1):
         torch.manual_seed(iteration_seed(cfg.seed, it))
-        x = torch.as_tensor(data.sample_train(batch_rng(cfg.seed, it), cfg.train.batch_size), dtype=torch.float32)
+        x = torch.as_tensor(
+            data.sample_train(batch_rng(cfg.seed, it), cfg.train.batch_size), dtype=torch.float32
+        )
         t0 = time.perf_counter()
         loss = model.training_loss(x)
         opt.zero_grad(set_to_none=True)
@@ -96,10 +98,14 @@ def run(overrides: list[str], iters: int, checkpoints: tuple[int, ...], num_test
 
 
 def main() -> int:
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     p.add_argument("--iters", type=int, default=1000, help="iterations for the original model")
     p.add_argument("--modes", default="backprop,adjoint,adjoint_seminorm")
-    p.add_argument("--default-iters", type=int, default=None, help="iterations of the default config (its own)")
+    p.add_argument(
+        "--default-iters", type=int, default=None, help="iterations of the default config (its own)"
+    )
     p.add_argument("--num-test", type=int, default=5000)
     p.add_argument("--skip-default", action="store_true")
     p.add_argument("--json", help="also write the results here")
@@ -110,15 +116,24 @@ def main() -> int:
     for mode in args.modes.split(","):
         if mode not in MODES:
             _cli.fail(f"unknown mode '{mode}'; valid: {', '.join(MODES)}")
-        res = run(ORIGINAL + MODES[mode], args.iters, tuple(sorted({*range(200, args.iters, 200), min(200, args.iters), args.iters})), args.num_test)
+        res = run(
+            ORIGINAL + MODES[mode],
+            args.iters,
+            tuple(sorted({*range(200, args.iters, 200), min(200, args.iters), args.iters})),
+            args.num_test,
+        )
         rows.append((f"original/{mode}", res))
         print(f"done original/{mode}", flush=True)
     if not args.skip_default:
         cfg = load_config("configs/ffjord/toy.yaml")
         n = args.default_iters or cfg.train.iters
-        rows.append(("default (configs/ffjord/toy.yaml)", run([], n, (min(200, n), n), args.num_test)))
-    print(f"\n8gaussians, 1 thread; test NLL in nats on {args.num_test} held-out points (exact trace, "
-          f"dopri5 1e-5); entropy floor {entropy:.4f}")
+        rows.append(
+            ("default (configs/ffjord/toy.yaml)", run([], n, (min(200, n), n), args.num_test))
+        )
+    print(
+        f"\n8gaussians, 1 thread; test NLL in nats on {args.num_test} held-out points (exact trace, "
+        f"dopri5 1e-5); entropy floor {entropy:.4f}"
+    )
     header = "| model / gradient mode | s/iter (1–200) | s/iter (1–N) | N | NFE f/b @200 | NFE f/b @N | NLL @200 | NLL @N |"
     print(header)
     print("|" + "---|" * 8)
