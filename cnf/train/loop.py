@@ -108,6 +108,19 @@ def prepare_run_dir(cfg: DictConfig) -> tuple[Path, bool]:
         except Exception:
             raise RunFolderError(f"run.dir {path}: config.yaml is unreadable") from None
         diff = config_differences(old, to_dict(cfg))
+        old_iters = old.get("train", {}).get("iters")
+        if (
+            old_iters is not None
+            and old_iters != cfg.train.iters
+            and cfg.train.schedule != "constant"
+        ):
+            # A cosine schedule spans train.iters: changing it rewrites the learning
+            # rates of iterations already done, so the run could not resume exactly.
+            raise RunFolderError(
+                f"run.dir {path} was trained with train.iters={old_iters}; "
+                f"train.schedule={cfg.train.schedule} spans train.iters, so it cannot change "
+                "on resume (use the same train.iters, or choose another run.dir)"
+            )
         if diff:
             shown = ", ".join(diff[:5]) + (" ..." if len(diff) > 5 else "")
             raise RunFolderError(
