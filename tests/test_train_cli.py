@@ -46,6 +46,10 @@ from cnf.data.toy import toy_entropy
 
 FINAL_KEYS = ("test_nll", "test_nll_stderr", "test_nfe", "train_seconds", "entropy", "gap")
 
+# The run on a data file that the bad-input and NaN tests copy and rerun. A constant
+# learning rate lets a rerun extend train.iters (a cosine schedule spans train.iters).
+FILE_RUN = (*TINY, "train.iters=2", "train.schedule=constant", "data.name=file")
+
 
 def run_parallel(commands: Sequence[Sequence[str]], workers: int = 2) -> list[tuple[int, str, str]]:
     """``run_train(*overrides)`` for each list of overrides, ``workers`` at a time."""
@@ -90,7 +94,7 @@ def runs(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
     results = run_parallel(
         [
             [*TINY, "train.iters=2", "train.log_every=1", f"run.dir={toy}"],
-            [*TINY, "train.iters=2", "data.name=file", f"data.path={good}", f"run.dir={file}"],
+            [*FILE_RUN, f"data.path={good}", f"run.dir={file}"],
         ]
     )
     for r in results:
@@ -332,16 +336,7 @@ def _run_bad_cases(names: list[str], runs: dict[str, Path], root: Path) -> dict:
         before = tree(run_dir) if run_dir.is_dir() else None
         file_before = run_dir.read_bytes() if run_dir.is_file() else None
         state[name] = (run_dir, before, file_before)
-        jobs.append(
-            [
-                *TINY,
-                "train.iters=2",
-                "data.name=file",
-                f"data.path={data_path}",
-                f"run.dir={run_dir}",
-                *case.overrides,
-            ]
-        )
+        jobs.append([*FILE_RUN, f"data.path={data_path}", f"run.dir={run_dir}", *case.overrides])
     results = run_parallel(jobs)
     return {name: (*state[name], res) for name, res in zip(names, results)}
 
@@ -396,9 +391,7 @@ def test_non_finite_loss_stops_and_keeps_checkpoint(runs: dict[str, Path], tmp_p
     np.save(huge, gaussian_blobs(1000) * 1e30)  # finite in float32, z² is not
     run_dir = copy_run(runs["file"], tmp_path / "run", data_path=(runs["good"], huge))
     ckpt_before = (run_dir / "ckpt.pt").read_bytes()
-    rc, out, err = run_train(
-        *TINY, "train.iters=4", "data.name=file", f"data.path={huge}", f"run.dir={run_dir}"
-    )
+    rc, out, err = run_train(*FILE_RUN, "train.iters=4", f"data.path={huge}", f"run.dir={run_dir}")
     line = assert_clean_failure(rc, err, code=1)
     assert "iteration 3" in line and "non-finite" in line
     assert "resuming" in out
