@@ -563,12 +563,21 @@ def _num(v: Any, digits: int = 3, *, sci: bool = False) -> str:
     return f"{v:.{digits}f}"
 
 
+def _nelbo_cell(r: Mapping[str, Any]) -> str:
+    if r["objective"] != "nll" or r.get("nelbo") is None:
+        return "—"
+    return f"{r['nelbo']:.4f} ± {r['nelbo_stderr']:.4f}"
+
+
 def cost_curve_markdown(records: Iterable[Mapping[str, Any]]) -> str:
     """A markdown table of cost-curve records (each with ``model`` added by the caller)."""
     records = list(records)
     with_bpd = any("bpd" in r for r in records)
+    # Models with an NLL and a bound (score SDEs, INDM) also show the NELBO.
+    with_nelbo = any(r["objective"] == "nll" and r.get("nelbo") is not None for r in records)
     head = (
         "| model | setting | objective | value (nats) | Δ vs ref | "
+        + ("NELBO (nats) | " if with_nelbo else "")
         + ("bits/dim | " if with_bpd else "")
         + "eval NFE | eval s | MMD² | data log p | in support | sample NFE | sample s |"
     )
@@ -591,6 +600,7 @@ def cost_curve_markdown(records: Iterable[Mapping[str, Any]]) -> str:
                     obj.upper(),
                     value,
                     delta,
+                    *([_nelbo_cell(r)] if with_nelbo else []),
                     *([_num(r.get("bpd"), 4)] if with_bpd else []),
                     _num(r.get("eval_nfe"), 0),
                     _num(r.get("eval_seconds"), 2),
@@ -629,11 +639,12 @@ def cost_curve_markdown(records: Iterable[Mapping[str, Any]]) -> str:
 def plot_cost_curve(
     records: Sequence[Mapping[str, Any]], path: str | Path, *, title: str = ""
 ) -> None:
-    """Two panels, log-x: objective vs evaluation NFE, MMD² vs sampling NFE.
+    """Two panels per data set, log-x: objective vs evaluation NFE, MMD² vs sampling NFE.
 
-    One colour per model (``record["model"]``); one line per model and solver
-    family (``method``/``sampler`` of the setting), points sorted by NFE. The
-    data entropy (the best possible NLL) is drawn as a dashed line where known.
+    One row of panels per data set (``record["dataset"]``), one colour per
+    model (``record["model"]``), one line per model and solver family
+    (``method``/``sampler`` of the setting), points sorted by NFE. The data
+    entropy (the best possible NLL) is drawn as a dashed line where known.
     """
     import matplotlib
 
@@ -643,84 +654,92 @@ def plot_cost_curve(
 
     models = list(dict.fromkeys(str(r.get("model", "")) for r in records))
     groups = list(dict.fromkeys(_group(r["setting"]) for r in records))
+    datasets = list(dict.fromkeys(r.get("dataset") for r in records))
     colors = plt.rcParams["axes.prop_cycle"].by_key()["color"]
     styles = [("-", "o"), ("--", "s"), (":", "^"), ("-.", "D"), ("-", "v"), ("--", "P")]
-    fig, (ax_l, ax_s) = plt.subplots(1, 2, figsize=(11, 4.2), dpi=120)
-    objectives = sorted({r["objective"] for r in records})
-    for mi, model in enumerate(models):
-        for gi, group in enumerate(groups):
-            pts = [r for r in records if str(r.get("model", "")) == model]
-            pts = [r for r in pts if _group(r["setting"]) == group]
-            if not pts:
-                continue
-            ls, marker = styles[gi % len(styles)]
-            color = colors[mi % len(colors)]
-            label = f"{model} · {group}" if len(groups) > 1 else model
-            ev = sorted(
-                (r for r in pts if r.get("eval_nfe") is not None), key=lambda r: r["eval_nfe"]
-            )
-            if ev:
-                ax_l.errorbar(
-                    [r["eval_nfe"] for r in ev],
-                    [r[r["objective"]] for r in ev],
-                    yerr=[r[f"{r['objective']}_stderr"] for r in ev],
-                    color=color,
-                    ls=ls,
-                    marker=marker,
-                    ms=4,
-                    capsize=2,
-                    label=label,
+    fig, axes = plt.subplots(
+        len(datasets), 2, figsize=(11, 0.6 + 3.6 * len(datasets)), dpi=120, squeeze=False
+    )
+    seen: dict[str, Any] = {}  # legend entries, one per model x group over all rows
+    for row, dataset in enumerate(datasets):
+        ax_l, ax_s = axes[row]
+        rows = [r for r in records if r.get("dataset") == dataset]
+        objectives = sorted({r["objective"] for r in rows})
+        for mi, model in enumerate(models):
+            for gi, group in enumerate(groups):
+                pts = [r for r in rows if str(r.get("model", "")) == model]
+                pts = [r for r in pts if _group(r["setting"]) == group]
+                if not pts:
+                    continue
+                ls, marker = styles[gi % len(styles)]
+                color = colors[mi % len(colors)]
+                label = f"{model} · {group}" if len(groups) > 1 else model
+                ev = sorted(
+                    (r for r in pts if r.get("eval_nfe") is not None), key=lambda r: r["eval_nfe"]
                 )
-            sq = sorted(
-                (r for r in pts if r.get("sample_nfe") is not None and "sample_mmd2" in r),
-                key=lambda r: r["sample_nfe"],
-            )
-            if sq:
-                ax_s.plot(
-                    [r["sample_nfe"] for r in sq],
-                    [r["sample_mmd2"] for r in sq],
-                    color=color,
-                    ls=ls,
-                    marker=marker,
-                    ms=4,
-                    label=label,
+                if ev:
+                    seen[label] = ax_l.errorbar(
+                        [r["eval_nfe"] for r in ev],
+                        [r[r["objective"]] for r in ev],
+                        yerr=[r[f"{r['objective']}_stderr"] for r in ev],
+                        color=color,
+                        ls=ls,
+                        marker=marker,
+                        ms=4,
+                        capsize=2,
+                    )
+                sq = sorted(
+                    (r for r in pts if r.get("sample_nfe") is not None and "sample_mmd2" in r),
+                    key=lambda r: r["sample_nfe"],
                 )
-    floors = {(r.get("dataset"), r["entropy"]) for r in records if r.get("entropy") is not None}
-    for dataset, h in sorted(floors, key=lambda t: (str(t[0]), t[1])):
-        ax_l.axhline(h, color="grey", ls="--", lw=0.8)
-        ax_l.annotate(
-            f"entropy {dataset or ''}".strip(),
-            (0.01, h),
-            xycoords=("axes fraction", "data"),
-            fontsize=7,
-            color="grey",
-            va="bottom",
+                if sq:
+                    (line,) = ax_s.plot(
+                        [r["sample_nfe"] for r in sq],
+                        [r["sample_mmd2"] for r in sq],
+                        color=color,
+                        ls=ls,
+                        marker=marker,
+                        ms=4,
+                    )
+                    seen.setdefault(label, line)
+        floors = {r["entropy"] for r in rows if r.get("entropy") is not None}
+        for h in sorted(floors):
+            ax_l.axhline(h, color="grey", ls="--", lw=0.8)
+            ax_l.annotate(
+                "entropy (floor)",
+                (0.01, h),
+                xycoords=("axes fraction", "data"),
+                fontsize=7,
+                color="grey",
+                va="bottom",
+            )
+        where = f"{dataset}: " if dataset else ""
+        ax_l.set_xscale("log")
+        ax_l.set_xlabel("NFE (evaluation, per batch)")
+        ax_l.set_ylabel(" / ".join(o.upper() for o in objectives) + " (nats, test)")
+        ax_l.set_title(f"{where}likelihood vs cost", fontsize=10)
+        ax_s.set_xscale("log")
+        ticks = matplotlib.ticker.FuncFormatter(lambda v, _: f"{v:g}")
+        for ax in (ax_l, ax_s):
+            ax.xaxis.set_major_formatter(ticks)
+            ax.xaxis.set_minor_formatter(matplotlib.ticker.NullFormatter())
+            ax.grid(alpha=0.3, which="both")
+        # Unbiased MMD² can be slightly negative: symlog keeps zero and small values visible.
+        ax_s.set_yscale("symlog", linthresh=1e-4)
+        ax_s.axhline(0.0, color="grey", lw=0.6)
+        ax_s.set_xlabel("NFE (sampling)")
+        ax_s.set_ylabel("MMD² to test data")
+        ax_s.set_title(f"{where}sample quality vs cost (RBF σ = 0.1, 0.5, 1, 2)", fontsize=10)
+    if seen:
+        fig.legend(
+            list(seen.values()), list(seen), loc="lower center", ncol=min(4, len(seen)), fontsize=7
         )
-    ax_l.set_xscale("log")
-    ax_l.set_xlabel("NFE (evaluation, per batch)")
-    ax_l.set_ylabel(" / ".join(o.upper() for o in objectives) + " (nats, test)")
-    ax_l.set_title("likelihood vs cost", fontsize=10)
-    ax_s.set_xscale("log")
-    ticks = matplotlib.ticker.FuncFormatter(lambda v, _: f"{v:g}")
-    for ax in (ax_l, ax_s):
-        ax.xaxis.set_major_formatter(ticks)
-        ax.xaxis.set_minor_formatter(matplotlib.ticker.NullFormatter())
-    # Unbiased MMD² can be slightly negative: symlog keeps zero and small values visible.
-    ax_s.set_yscale("symlog", linthresh=1e-4)
-    ax_s.axhline(0.0, color="grey", lw=0.6)
-    ax_s.set_xlabel("NFE (sampling)")
-    ax_s.set_ylabel("MMD² to test data")
-    ax_s.set_title("sample quality vs cost (RBF σ = 0.1, 0.5, 1, 2)", fontsize=10)
-    for ax in (ax_l, ax_s):
-        ax.grid(alpha=0.3, which="both")
-    handles, labels = ax_l.get_legend_handles_labels()
-    if not handles:
-        handles, labels = ax_s.get_legend_handles_labels()
-    if handles:
-        fig.legend(handles, labels, loc="lower center", ncol=min(4, len(handles)), fontsize=7)
     if title:
         fig.suptitle(title, fontsize=10)
-    fig.tight_layout(rect=(0, 0.06 + 0.03 * ((len(handles) - 1) // 4), 1, 1))
+    legend_rows = (len(seen) + 3) // 4
+    fig.tight_layout(
+        rect=(0, min(0.4, (0.02 + 0.025 * legend_rows) * 2 / len(datasets) ** 0.5), 1, 1)
+    )
     fig.savefig(path)
     plt.close(fig)
 

@@ -34,6 +34,7 @@ from cnf.flows.glow import (
 from cnf.flows.multiscale import (
     glow_image,
     glow_vector,
+    nice_image,
     nice_vector,
     realnvp_image,
     realnvp_vector,
@@ -265,6 +266,16 @@ def test_squeeze():
 
 
 # -------------------------------------------------------------------------- multiscale
+
+
+@pytest.mark.parametrize("shape", IMAGE_SHAPES)
+def test_nice_image(shape):
+    torch.manual_seed(0)
+    flow = perturb_(nice_image(shape, num_layers=3, hidden_channels=8).double())
+    check_bijection(flow, randn(2, *shape))
+    # Additive couplings are volume-preserving: the log-det is the scaling's alone.
+    _, logdet = flow(randn(2, *shape))
+    assert torch.allclose(logdet, flow.flows[-1].log_scale.sum().expand(2))
 
 
 @pytest.mark.parametrize("shape", IMAGE_SHAPES)
@@ -517,6 +528,7 @@ def test_neumann_value_equals_power_series_value():
         ("realnvp", (5,), {"num_layers": 2}),
         ("glow", (5,), {"num_steps": 2}),
         ("resflow", (2,), {"num_blocks": 2, "logdet": "exact"}),
+        ("nice", (2, 4, 4), {"num_layers": 2, "hidden_channels": 8}),
         ("realnvp", (2, 4, 4), {"num_scales": 2, "hidden_channels": 8}),
         ("glow", (2, 4, 4), {"num_scales": 2, "steps_per_scale": 1, "hidden_channels": 8}),
         ("resflow", (1, 4, 4), {"num_blocks": 1, "hidden_channels": 8, "logdet": "exact"}),
@@ -541,8 +553,8 @@ def test_registry_errors():
         build_flow("x", event_shape=(2,))
     with pytest.raises(ValueError, match="unknown option.*'bogus'.*valid:.*num_steps"):
         build_flow("glow", event_shape=(2,), bogus=1)
-    with pytest.raises(ValueError, match="no image builder"):
-        build_flow("nice", event_shape=(1, 4, 4))
+    with pytest.raises(ValueError, match=r"event_shape must be \(D,\) or \(C, H, W\)"):
+        build_flow("nice", event_shape=(4, 4))
     with pytest.raises(ValueError, match="unknown logdet estimator"):
         build_flow("resflow", event_shape=(2,), logdet="magic")
 

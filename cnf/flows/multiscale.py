@@ -357,6 +357,41 @@ def nice_vector(
     return SequentialFlow(layers)
 
 
+def nice_image(
+    event_shape: tuple[int, int, int],
+    *,
+    num_layers: int = 4,
+    hidden_channels: int = 64,
+) -> SequentialFlow:
+    """NICE for images: additive couplings with alternating checkerboard masks, then a diagonal scaling.
+
+    NICE itself is single-scale (the paper flattens images); this keeps the
+    spatial layout so the conditioners can be convolutional.
+
+    Args:
+        event_shape: ``(C, H, W)``.
+        num_layers: Additive couplings (4 in the paper).
+        hidden_channels: Width of the conv conditioners.
+
+    Returns:
+        A :class:`~cnf.flows.base.SequentialFlow` on ``(B, C, H, W)``.
+
+    References:
+        Dinh, Krueger, Bengio. NICE. ICLR workshop 2015, §5.
+    """
+    shape = _check_scales(event_shape, 0)
+    layers: list[Flow] = [
+        AdditiveCoupling(
+            shape,
+            mask=image_checkerboard_mask(shape, parity=i),
+            hidden_channels=hidden_channels,
+        )
+        for i in range(num_layers)
+    ]
+    layers.append(DiagonalScaling(shape))
+    return SequentialFlow(layers)
+
+
 def realnvp_vector(
     dim: int,
     *,

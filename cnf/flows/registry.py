@@ -6,7 +6,7 @@ builder dispatches on the event shape (``(D,)`` vectors, ``(C, H, W)`` images):
 ========  ==================================  ================================
 name      vectors ``(D,)``                    images ``(C, H, W)``
 ========  ==================================  ================================
-nice      :func:`~.multiscale.nice_vector`    not available
+nice      :func:`~.multiscale.nice_vector`    :func:`~.multiscale.nice_image`
 realnvp   :func:`~.multiscale.realnvp_vector` :func:`~.multiscale.realnvp_image`
 glow      :func:`~.multiscale.glow_vector`    :func:`~.multiscale.glow_image`
 resflow   :func:`~.residual.resflow_vector`   :func:`~.residual.resflow_image`
@@ -26,6 +26,7 @@ from cnf.flows.base import Flow
 from cnf.flows.multiscale import (
     glow_image,
     glow_vector,
+    nice_image,
     nice_vector,
     realnvp_image,
     realnvp_vector,
@@ -76,7 +77,7 @@ class FlowBuilder:
 
 FLOWS: dict[str, FlowBuilder] = {
     "glow": FlowBuilder("glow", glow_vector, glow_image),
-    "nice": FlowBuilder("nice", nice_vector, None),
+    "nice": FlowBuilder("nice", nice_vector, nice_image),
     "realnvp": FlowBuilder("realnvp", realnvp_vector, realnvp_image),
     "resflow": FlowBuilder("resflow", resflow_vector, resflow_image),
 }
