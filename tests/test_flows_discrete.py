@@ -435,6 +435,24 @@ def test_tanh_block_has_large_jacobian():
     assert 0.5 < torch.linalg.matrix_norm(jac, ord=2).item() < 0.6
 
 
+def test_spectral_norm_initialises_lazily_once():
+    torch.manual_seed(0)
+    lin = SpectralNormLinear(6, 5, coeff=0.7, init_iters=100).double()
+    assert not bool(lin.initialised)  # building a model runs no power iterations
+    u0 = lin.u.clone()
+    w = lin.normalized_weight()  # first use runs them: the bound holds at once
+    assert bool(lin.initialised) and not torch.equal(lin.u, u0)
+    sigma = torch.linalg.matrix_norm(w.detach(), ord=2).item()
+    assert sigma == pytest.approx(0.7, rel=1e-6)
+    # A checkpoint restores u, v and the flag: loading never re-runs the iterations,
+    # and checkpoints written before the flag existed count as initialised.
+    state = {k: v for k, v in lin.state_dict().items() if k != "initialised"}
+    fresh = SpectralNormLinear(6, 5, coeff=0.7, init_iters=100).double()
+    fresh.load_state_dict(state)
+    assert bool(fresh.initialised)
+    assert torch.equal(fresh.normalized_weight(), lin.normalized_weight())
+
+
 # Rademacher probes in D = 2 keep the Hutchinson noise low enough that dropping
 # the 1 / P(N >= k) weights is detected at > 10 standard errors in these cases.
 ROULETTE_CASES = [

@@ -71,17 +71,36 @@ class _SpectralNorm(nn.Module):
     :meth:`power_iteration`; a forward pass never updates them, so evaluation
     is deterministic and ``g`` stays the same function throughout one
     fixed-point inverse.
+
+    The ``init_iters`` power iterations that make the bound hold from the
+    start run lazily, before the first use of the weight (building a large
+    image model stays instant); the ``initialised`` buffer records that they
+    ran, so a model loaded from a checkpoint never repeats them.
     """
 
     weight: Tensor
     u: Tensor
     v: Tensor
+    initialised: Tensor
 
-    def __init__(self, coeff: float):
+    def __init__(self, coeff: float, init_iters: int):
         super().__init__()
         if not 0 < coeff:
             raise ValueError(f"coeff must be positive, got {coeff}")
         self.coeff = coeff
+        self.init_iters = init_iters
+        self.register_buffer("initialised", torch.tensor(False))
+
+    def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs):  # noqa: ANN001
+        # Checkpoints written before the flag existed were initialised eagerly.
+        state_dict.setdefault(prefix + "initialised", torch.tensor(True))
+        super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
+
+    @torch.no_grad()
+    def _ensure_initialised(self) -> None:
+        if not bool(self.initialised):
+            self.initialised.fill_(True)
+            self.power_iteration(self.init_iters)
 
     def _op(self, v: Tensor) -> Tensor:
         raise NotImplementedError
@@ -92,6 +111,7 @@ class _SpectralNorm(nn.Module):
     @torch.no_grad()
     def power_iteration(self, num_iters: int = 1) -> None:
         """Refine ``u, v`` towards the top singular vectors of the current weight."""
+        self._ensure_initialised()
         for _ in range(num_iters):
             v = F.normalize(self._op_t(self.u).flatten(), dim=0).view_as(self.v)
             u = F.normalize(self._op(v).flatten(), dim=0).view_as(self.u)
@@ -100,6 +120,7 @@ class _SpectralNorm(nn.Module):
 
     def normalized_weight(self) -> Tensor:
         """The rescaled weight; differentiable through ``sigma`` (Miyato et al. 2018)."""
+        self._ensure_initialised()
         # Clones: a later in-place power iteration must not invalidate this graph.
         u, v = self.u.clone(), self.v.clone()
         sigma = torch.sum(u * self._op(v))
@@ -114,7 +135,7 @@ class SpectralNormLinear(_SpectralNorm):
         out_features: Output size.
         coeff: Bound on the operator norm of the weight.
         bias: Whether to add a bias (does not affect the Lipschitz constant).
-        init_iters: Power iterations at construction, so the bound holds at once.
+        init_iters: Power iterations before first use, so the bound holds at once.
 
     Shapes:
         ``(B, in_features) -> (B, out_features)``.
@@ -132,13 +153,12 @@ class SpectralNormLinear(_SpectralNorm):
         bias: bool = True,
         init_iters: int = 50,
     ):
-        super().__init__(coeff)
+        super().__init__(coeff, init_iters)
         layer = nn.Linear(in_features, out_features, bias=bias)  # reuse PyTorch's init
         self.weight = layer.weight
         self.bias = layer.bias
         self.register_buffer("u", F.normalize(torch.randn(out_features), dim=0))
         self.register_buffer("v", F.normalize(torch.randn(in_features), dim=0))
-        self.power_iteration(init_iters)
 
     def _op(self, v: Tensor) -> Tensor:
         return self.weight @ v
@@ -166,7 +186,7 @@ class SpectralNormConv2d(_SpectralNorm):
         input_size: Spatial size ``(H, W)`` on which the norm is computed.
         coeff: Bound on the operator norm.
         bias: Whether to add a bias.
-        init_iters: Power iterations at construction.
+        init_iters: Power iterations before first use.
 
     Shapes:
         ``(B, in_channels, H, W) -> (B, out_channels, H, W)``.
@@ -186,7 +206,7 @@ class SpectralNormConv2d(_SpectralNorm):
         bias: bool = True,
         init_iters: int = 50,
     ):
-        super().__init__(coeff)
+        super().__init__(coeff, init_iters)
         if kernel_size % 2 != 1:
             raise ValueError(f"kernel_size must be odd, got {kernel_size}")
         self.padding = kernel_size // 2
@@ -200,7 +220,6 @@ class SpectralNormConv2d(_SpectralNorm):
         self.register_buffer(
             "v", F.normalize(torch.randn(in_channels * h * w), dim=0).view(in_channels, h, w)
         )
-        self.power_iteration(init_iters)
 
     def _op(self, v: Tensor) -> Tensor:
         return F.conv2d(v[None], self.weight, padding=self.padding)[0]
