@@ -81,6 +81,7 @@ class TrackSchema:
     group: str | None = None
     name: str | None = None
     tags: list[str] = field(default_factory=list)
+    system_metrics: bool = True  # W&B's CPU/GPU/memory sampler (a separate process)
 
 
 @dataclass

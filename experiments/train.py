@@ -66,6 +66,7 @@ def make_tracker(cfg, trainer: Trainer):
         group=cfg.track.group,
         name=cfg.track.name or trainer.run_dir.name,
         tags=list(cfg.track.tags),
+        system_metrics=cfg.track.system_metrics,
         config=OmegaConf.to_container(cfg, resolve=True),
         run_id=trainer.wandb_id,
     )

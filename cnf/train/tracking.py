@@ -89,6 +89,7 @@ class WandbTracker:
         group: str | None = None,
         name: str | None = None,
         tags: list[str] | None = None,
+        system_metrics: bool = True,
     ):
         import wandb
 
@@ -104,7 +105,9 @@ class WandbTracker:
             config=config,
             id=run_id,
             resume="allow" if run_id else None,
-            settings=wandb.Settings(silent=True, console="off"),
+            # The system-metrics sampler is a separate process: on a small CPU
+            # machine it takes a noticeable share of the cores.
+            settings=wandb.Settings(silent=True, console="off", x_disable_stats=not system_metrics),
         )
         self.run_id = self.run.id if self.run is not None else run_id
 
