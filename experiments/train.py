@@ -182,10 +182,17 @@ def train(cfg, info: distributed.DistInfo) -> int:
     return 0
 
 
+def _cost(nfe: float | None) -> str:
+    """``NFE n``, or a note for models without an ODE/SDE solve (discrete flows)."""
+    if nfe is None or nfe != nfe or nfe == 0:
+        return "no ODE/SDE solve"
+    return f"NFE {nfe:.0f}"
+
+
 def format_final(final: dict) -> str:
     lines = [f"trained {final['iterations']} iterations in {final['train_seconds']:.1f} s"]
     if "test_nll" in final:
-        s = f"test NLL {final['test_nll']:.4f} ± {final['test_nll_stderr']:.4f} nats (NFE {final.get('test_nfe', float('nan')):.0f})"
+        s = f"test NLL {final['test_nll']:.4f} ± {final['test_nll_stderr']:.4f} nats ({_cost(final.get('test_nfe'))})"
         if "entropy" in final:
             s += f"; data entropy (floor) {final['entropy']:.4f} ± {final['entropy_stderr']:.4f}; gap {final['gap']:.4f}"
         lines.append(s)
@@ -197,7 +204,7 @@ def format_final(final: dict) -> str:
         lines.append(f"test bits/dim {final['test_bpd']:.4f}")
     if "sample_mmd2" in final:
         lines.append(
-            f"samples: MMD² to test {final['sample_mmd2']:.5f} (NFE {final.get('sample_nfe')})"
+            f"samples: MMD² to test {final['sample_mmd2']:.5f} ({_cost(final.get('sample_nfe'))})"
         )
     return "\n".join(lines)
 
