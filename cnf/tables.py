@@ -632,7 +632,9 @@ def build_table(spec: TableSpec, runs_root: str | Path | None = None) -> Table:
                 key = row.keys.get(m.key, m.key)
                 vals = [r.final.get(key) for r in finished]
                 good = [float(v) for v in vals if _finite(v)]
-                if finished and len(good) < len(finished):
+                # A metric no run of the row has (a NELBO for a flow) is just "—";
+                # one that only some seeds lack points at a broken run.
+                if good and len(good) < len(finished):
                     warnings.append(
                         f"{row.label} × {col.label}: '{key}' absent or not finite in "
                         f"{len(finished) - len(good)} of {len(finished)} finished runs"

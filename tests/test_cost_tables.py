@@ -399,6 +399,21 @@ def test_build_table_aggregates(fake_runs: Path, tmp_path: Path) -> None:
     assert "last logged iteration 40 of 100" in table.unfinished[0]
 
 
+def test_metric_warnings_only_for_partial_absence(fake_runs: Path, tmp_path: Path) -> None:
+    # No run has a NELBO: the cells are "—" without a warning. One seed without
+    # its NLL (a broken final.json) is warned about.
+    spec = _spec(tmp_path, metrics=["test_nll", "gap", "test_nelbo"])
+    spec = parse_table_spec(OmegaConf.to_container(OmegaConf.load(spec)))
+    run = fake_runs / "sweeps" / "ffjord_toy" / "a8_s1"
+    final = json.loads((run / "final.json").read_text())
+    final["test_nll"] = float("nan")
+    (run / "final.json").write_text(json.dumps(final))
+    table = build_table(spec, fake_runs)
+    assert table.cells[("FFJORD", "8gaussians", "test_nelbo")].mean is None
+    assert not [w for w in table.warnings if "test_nelbo" in w]
+    assert [w for w in table.warnings if "'test_nll' absent or not finite in 1 of 3" in w]
+
+
 def test_tables_cli(fake_runs: Path, tmp_path: Path) -> None:
     out = tmp_path / "out"
     rc, stdout, stderr = run_script(
