@@ -7,14 +7,13 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-import torch
 from omegaconf import DictConfig, OmegaConf
 
 from cnf.config import parse_overrides, resolve
-from cnf.data import Dataset, build_dataset
+from cnf.data import Dataset, dataset_from_config
 from cnf.models import GenerativeModel, build_model
 from cnf.train.checkpoint import load_checkpoint
-from cnf.train.loop import CKPT_NAME, RunFolderError, resolve_device
+from cnf.train.loop import CKPT_NAME, DTYPES, RunFolderError, resolve_device
 
 
 @dataclass
@@ -51,15 +50,8 @@ def load_run(
     if device is not None:
         raw.device = device
     cfg = resolve(raw)
-    data = build_dataset(
-        cfg.data.name,
-        path=cfg.data.path,
-        test_size=cfg.data.test_size,
-        val_size=cfg.data.val_size,
-        batch_size=cfg.train.batch_size,
-        flatten=cfg.data.flatten,
-    )
-    dtype = {"float32": torch.float32, "float64": torch.float64}[cfg.dtype]
+    data = dataset_from_config(cfg)
+    dtype = DTYPES[cfg.dtype]
     model = build_model(cfg, data.event_shape)
     weights = state["ema"] if state.get("ema") is not None else state["model"]
     model.load_state_dict(weights)

@@ -116,20 +116,13 @@ def paper_configs() -> list[Path]:
 @pytest.mark.parametrize("path", paper_configs(), ids=lambda p: str(p.relative_to(CONFIG_ROOT)))
 def test_paper_config_builds(path: Path, tmp_path: Path) -> None:
     """Cluster configs resolve, their data loads (fake files) and their model builds."""
-    from cnf.data import build_dataset
+    from cnf.data import dataset_from_config
     from cnf.models import build_model
 
     name = OmegaConf.select(OmegaConf.load(path), "data.name")
     FAKE_DATA[name](tmp_path)
     cfg = load_config(path, [*SMOKE, f"run.dir={tmp_path / 'run'}", f"data.path={tmp_path}"])
-    data = build_dataset(
-        cfg.data.name,
-        path=cfg.data.path,
-        test_size=cfg.data.test_size,
-        val_size=cfg.data.val_size,
-        batch_size=cfg.train.batch_size,
-        flatten=cfg.data.flatten,
-    )
+    data = dataset_from_config(cfg)
     model = build_model(cfg, data.event_shape)
     assert sum(p.numel() for p in model.parameters()) > 0
 

@@ -13,6 +13,7 @@ from __future__ import annotations
 import zlib
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from typing import Any
 
 import numpy as np
 
@@ -20,7 +21,7 @@ from cnf.data.files import DataError, load_array, split_array
 from cnf.data.images import IMAGE_DATASETS, bpd_offset, dequantize
 from cnf.data.toy import TOY_DATASETS, toy_entropy, toy_log_density
 
-__all__ = ["DataError", "Dataset", "DATASETS", "build_dataset", "batch_rng"]
+__all__ = ["DataError", "Dataset", "DATASETS", "build_dataset", "dataset_from_config", "batch_rng"]
 
 
 def batch_rng(seed: int, iteration: int, rank: int = 0) -> np.random.Generator:
@@ -171,4 +172,16 @@ def build_dataset(
         raise DataError(f"unknown dataset '{name}'; valid: {', '.join(sorted(DATASETS))}")
     return DATASETS[name](
         path=path, test_size=test_size, val_size=val_size, batch_size=batch_size, flatten=flatten
+    )
+
+
+def dataset_from_config(cfg: Any) -> Dataset:
+    """:func:`build_dataset` from a resolved run config (its ``data`` and ``train.batch_size``)."""
+    return build_dataset(
+        cfg.data.name,
+        path=cfg.data.path,
+        test_size=cfg.data.test_size,
+        val_size=cfg.data.val_size,
+        batch_size=cfg.train.batch_size,
+        flatten=cfg.data.flatten,
     )

@@ -28,7 +28,7 @@ import torch
 from omegaconf import DictConfig, OmegaConf
 
 from cnf.config import to_dict
-from cnf.data import Dataset, batch_rng, build_dataset
+from cnf.data import Dataset, batch_rng, dataset_from_config
 from cnf.metrics import mean_stderr
 from cnf.models import GenerativeModel, build_model
 from cnf.train import distributed
@@ -40,6 +40,9 @@ CKPT_NAME = "ckpt.pt"
 # second launch of the same run (a relaunched sweep, a duplicate array task)
 # fails instead of interleaving writes. Released by the OS when the process dies.
 LOCK_NAME = ".lock"
+
+# ``dtype:`` config values.
+DTYPES = {"float32": torch.float32, "float64": torch.float64}
 
 # Keys that may change when a run is resumed: they do not change what is trained.
 RESUMABLE_CHANGES = (
@@ -262,15 +265,8 @@ class Trainer:
         if self.device.type == "cuda" and world_size > 1:
             # One GPU per rank: distributed.init pinned this process to cuda:LOCAL_RANK.
             self.device = torch.device("cuda", torch.cuda.current_device())
-        self.dtype = {"float32": torch.float32, "float64": torch.float64}[cfg.dtype]
-        self.data: Dataset = build_dataset(
-            cfg.data.name,
-            path=cfg.data.path,
-            test_size=cfg.data.test_size,
-            val_size=cfg.data.val_size,
-            batch_size=cfg.train.batch_size,
-            flatten=cfg.data.flatten,
-        )
+        self.dtype = DTYPES[cfg.dtype]
+        self.data: Dataset = dataset_from_config(cfg)
         torch.manual_seed(cfg.seed)
         self.model = build_model(cfg, self.data.event_shape).to(self.device, self.dtype)
         self.ema = copy.deepcopy(self.model).eval() if cfg.train.ema > 0 else None
