@@ -90,14 +90,21 @@ class _SpectralNorm(nn.Module):
         self.coeff = coeff
         self.init_iters = init_iters
         self.register_buffer("initialised", torch.tensor(False))
+        # Python mirror of the buffer: reading a CUDA buffer in every forward
+        # pass would synchronise with the device.
+        self._ready = False
 
     def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs):  # noqa: ANN001
         # Checkpoints written before the flag existed were initialised eagerly.
         state_dict.setdefault(prefix + "initialised", torch.tensor(True))
         super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
+        self._ready = False  # re-read the loaded flag once
 
     @torch.no_grad()
     def _ensure_initialised(self) -> None:
+        if self._ready:
+            return
+        self._ready = True
         if not bool(self.initialised):
             self.initialised.fill_(True)
             self.power_iteration(self.init_iters)
