@@ -29,10 +29,13 @@ References:
 from __future__ import annotations
 
 from collections.abc import Callable
+from dataclasses import dataclass
 from typing import Literal
 
 import torch
 from torch import Tensor
+
+from cnf.registry import Registry
 
 Field = Callable[[Tensor, Tensor], Tensor]
 
@@ -156,18 +159,43 @@ class ExactDivergence(DivergenceEstimator):
         create_graph: bool,
         frobenius: bool = False,
     ) -> tuple[Tensor, Tensor | None]:
-        batch = z.shape[0]
-        d = z[0].numel()
-        # Row i of the Jacobian for every sample: grad of <e_i, f> w.r.t. z.
-        eye = torch.eye(d, dtype=f.dtype, device=f.device)
-        basis = eye.reshape(d, 1, *z.shape[1:]).expand(d, *z.shape)
-        (rows,) = torch.autograd.grad(
-            f, z, grad_outputs=basis, create_graph=create_graph, is_grads_batched=True
-        )
-        rows = rows.reshape(d, batch, d)  # rows[i, b, j] = ∂f_i/∂z_j at sample b
+        rows = jacobian_rows(f, z, create_graph=create_graph)  # rows[i, b, j] = ∂f_i/∂z_j
         div = torch.einsum("ibi->b", rows)
         frob = rows.pow(2).sum(dim=(0, 2)) if frobenius else None
         return div, frob
+
+
+def jacobian_rows(
+    f: Tensor, z: Tensor, *, create_graph: bool, retain_graph: bool | None = None
+) -> Tensor:
+    """All ``D`` rows of ``∂f/∂z`` for every sample from **one** batched VJP.
+
+    Samples must be independent (``f[b]`` depends on ``z[b]`` only), so the VJP
+    with basis vector ``e_i`` repeated over the batch gives row ``i`` of every
+    sample's Jacobian. Shared by the CNF's exact divergence and the residual
+    flows' exact log-determinant.
+
+    Args:
+        f: Outputs ``(B, *event)`` computed from ``z`` (same shape).
+        z: Inputs ``(B, *event)`` that require grad.
+        create_graph: Keep the graph of the rows (to differentiate through them).
+
+    Returns:
+        ``rows`` of shape ``(D, B, D)`` with ``rows[i, b, j] = ∂f_i/∂z_j`` at sample ``b``.
+    """
+    batch = z.shape[0]
+    d = z[0].numel()
+    eye = torch.eye(d, dtype=f.dtype, device=f.device)
+    basis = eye.reshape(d, 1, *z.shape[1:]).expand(d, *z.shape)
+    (rows,) = torch.autograd.grad(
+        f,
+        z,
+        grad_outputs=basis,
+        create_graph=create_graph,
+        retain_graph=retain_graph,
+        is_grads_batched=True,
+    )
+    return rows.reshape(d, batch, d)
 
 
 class HutchinsonDivergence(DivergenceEstimator):
@@ -230,7 +258,10 @@ class HutchinsonDivergence(DivergenceEstimator):
         return div, frob
 
 
-DIVERGENCES = {"exact": ExactDivergence, "hutchinson": HutchinsonDivergence}
+DIVERGENCES: Registry[type[DivergenceEstimator]] = Registry(
+    "divergence estimator", {"exact": ExactDivergence, "hutchinson": HutchinsonDivergence}
+)
+PROBES: Registry[str] = Registry("probe", {"gaussian": "gaussian", "rademacher": "rademacher"})
 
 
 def build_divergence(
@@ -240,9 +271,55 @@ def build_divergence(
     num_probes: int = 1,
     generator: torch.Generator | None = None,
 ) -> DivergenceEstimator:
-    """Registry lookup: ``"exact"`` or ``"hutchinson"``."""
-    if name == "exact":
+    """Registry lookup: ``"exact"`` or ``"hutchinson"`` (with its probe options)."""
+    cls = DIVERGENCES[name]
+    if cls is ExactDivergence:
         return ExactDivergence()
-    if name == "hutchinson":
-        return HutchinsonDivergence(probe, num_probes=num_probes, generator=generator)
-    raise ValueError(f"unknown divergence '{name}'; valid: {', '.join(sorted(DIVERGENCES))}")
+    return cls(PROBES[probe], num_probes=num_probes, generator=generator)
+
+
+@dataclass(frozen=True)
+class DivergenceConfig:
+    """Which trace estimator a solve uses: a named choice with its options.
+
+    Attributes:
+        name: ``exact`` | ``hutchinson`` | ``auto`` (exact when the dimension
+            is at most ``exact_max_dim``, else Hutchinson).
+        probe: Hutchinson probe, ``gaussian`` or ``rademacher``.
+        num_probes: Probes averaged per solve (one batched VJP).
+        exact_max_dim: Largest dimension for which ``auto`` takes the exact trace.
+    """
+
+    name: str = "exact"
+    probe: str = "gaussian"
+    num_probes: int = 1
+    exact_max_dim: int = 16
+
+    def __post_init__(self) -> None:
+        if self.name != "auto":
+            DIVERGENCES.check(self.name, key="divergence")
+        PROBES.check(self.probe, key="divergence.probe")
+        if self.num_probes < 1:
+            raise ValueError(f"divergence.num_probes: must be >= 1, got {self.num_probes}")
+        if self.exact_max_dim < 0:
+            raise ValueError(f"divergence.exact_max_dim: must be >= 0, got {self.exact_max_dim}")
+
+    def resolve(self, dim: int) -> str:
+        """The estimator ``auto`` stands for at dimension ``dim`` (other names: themselves)."""
+        if self.name == "auto":
+            return "exact" if dim <= self.exact_max_dim else "hutchinson"
+        return self.name
+
+    def build(self, dim: int, *, generator: torch.Generator | None = None) -> DivergenceEstimator:
+        """The estimator for states of dimension ``dim``."""
+        return build_divergence(
+            self.resolve(dim), probe=self.probe, num_probes=self.num_probes, generator=generator
+        )
+
+    def describe(self) -> dict[str, object]:
+        d: dict[str, object] = {"name": self.name}
+        if self.name != "exact":
+            d.update(probe=self.probe, num_probes=self.num_probes)
+        if self.name == "auto":
+            d["exact_max_dim"] = self.exact_max_dim
+        return d

@@ -7,11 +7,13 @@ Layer types follow FFJORD's ``diffeq_layers`` (Grathwohl et al. 2019):
 * ``squash``       ``h' = (W h + b) ⊙ σ(W_g t + b_g)``
 * ``concatsquash`` ``h' = (W h + b) ⊙ σ(W_g t + b_g) + W_b t``
 * ``blend``        ``h' = (1 − t)(W₀ h + b₀) + t (W₁ h + b₁)``
+* ``add``          ``h' = W h + b + U e(t)``                  (DDPM-style time shift)
 
 Time ``t`` may be a scalar (one time for the whole batch, as inside an ODE
 solve) or a ``(B,)`` tensor (one time per sample, as in score matching and
 flow matching). Smooth activations (tanh, softplus, swish) keep adaptive
-solvers cheap.
+solvers cheap. With ``time_embedding`` the layers see features ``e(t)``
+(sinusoidal or Fourier, :mod:`cnf.diffusion.nets`) instead of the raw time.
 """
 
 from __future__ import annotations
@@ -22,6 +24,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from cnf.registry import Registry
+
 
 def _time_column(t: Tensor | float, x: Tensor) -> Tensor:
     """Return ``t`` as a ``(1, 1)`` or ``(B, 1)`` tensor matching ``x``'s dtype/device."""
@@ -30,29 +34,34 @@ def _time_column(t: Tensor | float, x: Tensor) -> Tensor:
 
 
 class TimeLayer(nn.Module):
-    """Base class: ``forward(t, x)`` with ``x`` of shape ``(B, in_dim)``.
+    """Base class: ``forward(tt, x)`` with ``x`` ``(B, in_dim)`` and time features ``tt``.
 
-    ``forward_tangent(tt, x, dx)`` (``tt``: time as a ``(1, 1)`` or ``(B, 1)``
-    column) returns the output and the layer's Jacobian applied to tangents
-    ``dx`` of shape ``(K, B or 1, in_dim)`` (the layer is affine in ``x``);
-    :meth:`TimeMLP.forward_with_jacobian` uses it for forward-mode Jacobians.
+    ``tt`` is ``(1, time_dim)`` (one time for the batch, as inside an ODE solve)
+    or ``(B, time_dim)``: the raw time as one column (``time_dim = 1``), or a
+    time embedding computed once per network call.
+
+    ``forward_tangent(tt, x, dx)`` returns the output and the layer's Jacobian
+    applied to tangents ``dx`` of shape ``(K, B or 1, in_dim)`` (the layer is
+    affine in ``x``); :meth:`TimeMLP.forward_with_jacobian` uses it for
+    forward-mode Jacobians.
     """
 
-    def __init__(self, in_dim: int, out_dim: int):
+    def __init__(self, in_dim: int, out_dim: int, time_dim: int = 1):
         super().__init__()
-        self.in_dim, self.out_dim = in_dim, out_dim
+        self.in_dim, self.out_dim, self.time_dim = in_dim, out_dim, time_dim
 
-    @property
-    def output_linear(self) -> nn.Linear:  # the map that zero-init acts on
-        return self.linear
+    def zero_(self) -> None:
+        """Make the layer output 0 (an identity flow's last layer); gates stay random."""
+        nn.init.zeros_(self.linear.weight)
+        nn.init.zeros_(self.linear.bias)
 
 
 class IgnoreLinear(TimeLayer):
-    def __init__(self, in_dim: int, out_dim: int):
-        super().__init__(in_dim, out_dim)
+    def __init__(self, in_dim: int, out_dim: int, time_dim: int = 1):
+        super().__init__(in_dim, out_dim, time_dim)
         self.linear = nn.Linear(in_dim, out_dim)
 
-    def forward(self, t: Tensor, x: Tensor) -> Tensor:
+    def forward(self, tt: Tensor, x: Tensor) -> Tensor:
         return self.linear(x)
 
     def forward_tangent(self, tt: Tensor, x: Tensor, dx: Tensor) -> tuple[Tensor, Tensor]:
@@ -60,26 +69,25 @@ class IgnoreLinear(TimeLayer):
 
 
 class ConcatLinear(TimeLayer):
-    def __init__(self, in_dim: int, out_dim: int):
-        super().__init__(in_dim, out_dim)
-        self.linear = nn.Linear(in_dim + 1, out_dim)
+    def __init__(self, in_dim: int, out_dim: int, time_dim: int = 1):
+        super().__init__(in_dim, out_dim, time_dim)
+        self.linear = nn.Linear(in_dim + time_dim, out_dim)
 
-    def forward(self, t: Tensor, x: Tensor) -> Tensor:
-        tt = _time_column(t, x).expand(x.shape[0], 1)
-        return self.linear(torch.cat([tt, x], dim=1))
+    def forward(self, tt: Tensor, x: Tensor) -> Tensor:
+        return self.linear(torch.cat([tt.expand(x.shape[0], -1), x], dim=1))
 
     def forward_tangent(self, tt: Tensor, x: Tensor, dx: Tensor) -> tuple[Tensor, Tensor]:
-        return self.forward(tt, x), F.linear(dx, self.linear.weight[:, 1:])
+        return self.forward(tt, x), F.linear(dx, self.linear.weight[:, self.time_dim :])
 
 
 class SquashLinear(TimeLayer):
-    def __init__(self, in_dim: int, out_dim: int):
-        super().__init__(in_dim, out_dim)
+    def __init__(self, in_dim: int, out_dim: int, time_dim: int = 1):
+        super().__init__(in_dim, out_dim, time_dim)
         self.linear = nn.Linear(in_dim, out_dim)
-        self.gate = nn.Linear(1, out_dim)
+        self.gate = nn.Linear(time_dim, out_dim)
 
-    def forward(self, t: Tensor, x: Tensor) -> Tensor:
-        return self.linear(x) * torch.sigmoid(self.gate(_time_column(t, x)))
+    def forward(self, tt: Tensor, x: Tensor) -> Tensor:
+        return self.linear(x) * torch.sigmoid(self.gate(tt))
 
     def forward_tangent(self, tt: Tensor, x: Tensor, dx: Tensor) -> tuple[Tensor, Tensor]:
         gate = torch.sigmoid(self.gate(tt))
@@ -87,14 +95,13 @@ class SquashLinear(TimeLayer):
 
 
 class ConcatSquashLinear(TimeLayer):
-    def __init__(self, in_dim: int, out_dim: int):
-        super().__init__(in_dim, out_dim)
+    def __init__(self, in_dim: int, out_dim: int, time_dim: int = 1):
+        super().__init__(in_dim, out_dim, time_dim)
         self.linear = nn.Linear(in_dim, out_dim)
-        self.gate = nn.Linear(1, out_dim)
-        self.shift = nn.Linear(1, out_dim, bias=False)
+        self.gate = nn.Linear(time_dim, out_dim)
+        self.shift = nn.Linear(time_dim, out_dim, bias=False)
 
-    def forward(self, t: Tensor, x: Tensor) -> Tensor:
-        tt = _time_column(t, x)
+    def forward(self, tt: Tensor, x: Tensor) -> Tensor:
         return self.linear(x) * torch.sigmoid(self.gate(tt)) + self.shift(tt)
 
     def forward_tangent(self, tt: Tensor, x: Tensor, dx: Tensor) -> tuple[Tensor, Tensor]:
@@ -102,19 +109,40 @@ class ConcatSquashLinear(TimeLayer):
         return self.linear(x) * gate + self.shift(tt), F.linear(dx, self.linear.weight) * gate
 
     def zero_(self) -> None:
+        # The gate stays: σ(gate) multiplies a zero map, and a live gate lets training start.
         nn.init.zeros_(self.linear.weight)
         nn.init.zeros_(self.linear.bias)
         nn.init.zeros_(self.shift.weight)
 
 
+class AddLinear(TimeLayer):
+    """``h' = W h + b + U e(t)``: the time features added as a per-unit shift (DDPM-style MLPs)."""
+
+    def __init__(self, in_dim: int, out_dim: int, time_dim: int = 1):
+        super().__init__(in_dim, out_dim, time_dim)
+        self.linear = nn.Linear(in_dim, out_dim)
+        self.proj = nn.Linear(time_dim, out_dim, bias=False)
+
+    def forward(self, tt: Tensor, x: Tensor) -> Tensor:
+        return self.linear(x) + self.proj(tt)
+
+    def zero_(self) -> None:
+        super().zero_()
+        nn.init.zeros_(self.proj.weight)
+
+    def forward_tangent(self, tt: Tensor, x: Tensor, dx: Tensor) -> tuple[Tensor, Tensor]:
+        return self.forward(tt, x), F.linear(dx, self.linear.weight)
+
+
 class BlendLinear(TimeLayer):
-    def __init__(self, in_dim: int, out_dim: int):
-        super().__init__(in_dim, out_dim)
+    def __init__(self, in_dim: int, out_dim: int, time_dim: int = 1):
+        if time_dim != 1:
+            raise ValueError("the blend layer interpolates in the raw time: no time embedding")
+        super().__init__(in_dim, out_dim, time_dim)
         self.linear = nn.Linear(in_dim, out_dim)
         self.linear1 = nn.Linear(in_dim, out_dim)
 
-    def forward(self, t: Tensor, x: Tensor) -> Tensor:
-        tt = _time_column(t, x)
+    def forward(self, tt: Tensor, x: Tensor) -> Tensor:
         y0, y1 = self.linear(x), self.linear1(x)
         return y0 + (y1 - y0) * tt
 
@@ -128,22 +156,29 @@ class BlendLinear(TimeLayer):
             nn.init.zeros_(lin.bias)
 
 
-LAYERS: dict[str, type[TimeLayer]] = {
-    "ignore": IgnoreLinear,
-    "concat": ConcatLinear,
-    "squash": SquashLinear,
-    "concatsquash": ConcatSquashLinear,
-    "blend": BlendLinear,
-}
+LAYERS: Registry[type[TimeLayer]] = Registry(
+    "layer type",
+    {
+        "ignore": IgnoreLinear,
+        "concat": ConcatLinear,
+        "squash": SquashLinear,
+        "concatsquash": ConcatSquashLinear,
+        "blend": BlendLinear,
+        "add": AddLinear,
+    },
+)
 
-ACTIVATIONS: dict[str, Callable[[], nn.Module]] = {
-    "tanh": nn.Tanh,
-    "softplus": nn.Softplus,
-    "swish": nn.SiLU,
-    "elu": nn.ELU,
-    "relu": nn.ReLU,
-    "selu": nn.SELU,
-}
+ACTIVATIONS: Registry[Callable[[], nn.Module]] = Registry(
+    "activation",
+    {
+        "tanh": nn.Tanh,
+        "softplus": nn.Softplus,
+        "swish": nn.SiLU,
+        "elu": nn.ELU,
+        "relu": nn.ReLU,
+        "selu": nn.SELU,
+    },
+)
 
 
 def _activation_tangent(act: nn.Module, a: Tensor, y: Tensor, da: Tensor) -> Tensor:
@@ -168,22 +203,25 @@ def _activation_tangent(act: nn.Module, a: Tensor, y: Tensor, da: Tensor) -> Ten
     return d * da
 
 
-def _lookup(table: dict, name: str, what: str):
-    if name not in table:
-        raise ValueError(f"unknown {what} '{name}'; valid: {', '.join(sorted(table))}")
-    return table[name]
-
-
 class TimeMLP(nn.Module):
-    """A time-conditioned MLP ``(t, x) -> y`` built from one layer type.
+    """A time-conditioned MLP ``(t, x) -> y``: the one network for vector fields, scores and drifts.
+
+    Every layer is one of :data:`LAYERS`, fed either the raw time (FFJORD's
+    layers) or a time embedding computed once per call and shared by the
+    layers (``time_embedding``; e.g. DDPM-style ``add`` layers, the score
+    models' default).
 
     Args:
         in_dim: Input dimension ``D``.
         hidden_dims: Widths of the hidden layers, e.g. ``(64, 64, 64)``.
         out_dim: Output dimension (default ``in_dim``).
-        layer: One of :data:`LAYERS`.
+        layer: Layer type of the hidden layers (and of the output layer unless ``out_layer``).
         activation: One of :data:`ACTIVATIONS`.
         zero_init: Zero the last layer so the field starts at 0 (identity flow).
+        out_layer: Layer type of the output layer (default: ``layer``).
+        time_embedding: None (the raw time, one column) or a
+            :data:`cnf.diffusion.nets.TIME_EMBEDDINGS` name.
+        embed_dim, embed_scale: Width and frequency scale of the embedding.
 
     Shapes: ``t`` scalar or ``(B,)``; ``x`` ``(B, D)``; output ``(B, out_dim)``.
     """
@@ -197,25 +235,55 @@ class TimeMLP(nn.Module):
         layer: str = "concatsquash",
         activation: str = "tanh",
         zero_init: bool = False,
+        out_layer: str | None = None,
+        time_embedding: str | None = None,
+        embed_dim: int = 32,
+        embed_scale: float | None = None,
     ):
         super().__init__()
-        layer_cls = _lookup(LAYERS, layer, "layer type")
-        act_cls = _lookup(ACTIVATIONS, activation, "activation")
+        act_cls = ACTIVATIONS[activation]
+        self.embed = None
+        time_dim = 1
+        if time_embedding is not None:
+            from cnf.diffusion.nets import build_time_embedding
+
+            self.embed = build_time_embedding(time_embedding, embed_dim, scale=embed_scale)
+            time_dim = self.embed.dim
         dims = [in_dim, *hidden_dims, out_dim or in_dim]
-        self.layers = nn.ModuleList(layer_cls(a, b) for a, b in zip(dims[:-1], dims[1:]))
+        kinds = [layer] * (len(dims) - 2) + [out_layer or layer]
+        self.layers = nn.ModuleList(
+            LAYERS[k](a, b, time_dim) for k, a, b in zip(kinds, dims[:-1], dims[1:])
+        )
         self.acts = nn.ModuleList(act_cls() for _ in dims[1:-1])
         if zero_init:
-            last = self.layers[-1]
-            if hasattr(last, "zero_"):
-                last.zero_()
-            else:
-                nn.init.zeros_(last.linear.weight)
-                nn.init.zeros_(last.linear.bias)
+            self.layers[-1].zero_()
+
+    def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs):  # noqa: ANN001
+        # Checkpoints of the former score MLP (linears.i / time_proj.i / out).
+        for k in [k for k in state_dict if k.startswith(prefix + "linears.")]:
+            i, rest = k[len(prefix) + len("linears.") :].split(".", 1)
+            state_dict[f"{prefix}layers.{i}.linear.{rest}"] = state_dict.pop(k)
+        for k in [k for k in state_dict if k.startswith(prefix + "time_proj.")]:
+            i, rest = k[len(prefix) + len("time_proj.") :].split(".", 1)
+            state_dict[f"{prefix}layers.{i}.proj.{rest}"] = state_dict.pop(k)
+        for k in [k for k in state_dict if k.startswith(prefix + "out.")]:
+            state_dict[f"{prefix}layers.{len(self.layers) - 1}.linear.{k[len(prefix) + 4 :]}"] = (
+                state_dict.pop(k)
+            )
+        super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
+
+    def time_features(self, t: Tensor | float, x: Tensor) -> Tensor:
+        """``(1 or B, time_dim)``: the raw time column, or its embedding."""
+        tt = _time_column(t, x)
+        if self.embed is not None:
+            tt = self.embed(tt.reshape(-1))
+        return tt
 
     def forward(self, t: Tensor | float, x: Tensor) -> Tensor:
+        tt = self.time_features(t, x)
         h = x
         for i, layer in enumerate(self.layers):
-            h = layer(t, h)
+            h = layer(tt, h)
             if i < len(self.acts):
                 h = self.acts[i](h)
         return h
@@ -243,7 +311,7 @@ class TimeMLP(nn.Module):
         """
         d = x.shape[1]
         h = x
-        tt = _time_column(t, x)
+        tt = self.time_features(t, x)
         # Tangents of the input: the identity, one column per input coordinate.
         # Shape (D, 1, D): until the first activation the tangents are the same
         # for every sample, so they broadcast over the batch for free.

@@ -39,6 +39,7 @@ from torchdiffeq._impl.odeint import SOLVERS as _TORCHDIFFEQ_SOLVERS
 from torchdiffeq._impl.solvers import FixedGridODESolver
 
 from cnf.divergence import DivergenceEstimator
+from cnf.registry import Registry
 
 FIXED_STEP_METHODS = frozenset(
     k for k, v in _TORCHDIFFEQ_SOLVERS.items() if issubclass(v, FixedGridODESolver)
@@ -46,7 +47,9 @@ FIXED_STEP_METHODS = frozenset(
 ADAPTIVE_METHODS = frozenset(k for k in _TORCHDIFFEQ_SOLVERS if k not in FIXED_STEP_METHODS) - {
     "scipy_solver"
 }
-METHODS = FIXED_STEP_METHODS | ADAPTIVE_METHODS
+METHODS: Registry[str] = Registry(
+    "solver method", {k: k for k in sorted(FIXED_STEP_METHODS | ADAPTIVE_METHODS)}
+)
 
 
 @dataclass(frozen=True)
@@ -54,17 +57,20 @@ class SolverConfig:
     """Solver settings for one solve.
 
     Attributes:
-        method: Any torchdiffeq method (``dopri5``, ``rk4``, ``euler``, ...).
+        name: Any torchdiffeq method (``dopri5``, ``rk4``, ``euler``, ...).
         rtol, atol: Tolerances of adaptive methods.
         steps: Number of steps over the interval for fixed-step methods.
         adjoint: Gradient by the adjoint method (O(1) memory) instead of
             backprop through the solver's operations.
         seminorm: With the adjoint, measure the backward error only on the
             state and its adjoint (Kidger et al. 2021): fewer backward steps.
-        max_steps: Cap on the steps of an adaptive solve (None: torchdiffeq's).
+        max_steps: Cap on the steps of an adaptive solve (0: torchdiffeq's).
     """
 
-    method: str = "dopri5"
+    # ``method`` is torchdiffeq's word for the solver name.
+    ALIASES = {"method": ("name",)}
+
+    name: str = "dopri5"
     rtol: float = 1e-5
     atol: float = 1e-5
     steps: int = 0
@@ -73,18 +79,26 @@ class SolverConfig:
     max_steps: int = 0
 
     def __post_init__(self) -> None:
-        if self.method not in METHODS:
-            raise ValueError(
-                f"unknown solver method '{self.method}'; valid: {', '.join(sorted(METHODS))}"
-            )
+        METHODS.check(self.name, key="solver")
         if self.fixed_step and self.steps < 1:
-            raise ValueError(f"fixed-step method '{self.method}' needs steps >= 1")
+            raise ValueError(f"fixed-step method '{self.name}' needs steps >= 1")
         if not self.fixed_step and (self.rtol <= 0 or self.atol <= 0):
             raise ValueError("adaptive solvers need rtol > 0 and atol > 0")
+        if self.max_steps < 0:
+            raise ValueError(f"max_steps must be >= 0, got {self.max_steps}")
 
     @property
     def fixed_step(self) -> bool:
-        return self.method in FIXED_STEP_METHODS
+        return self.name in FIXED_STEP_METHODS
+
+    def check_update(self, changes: dict[str, Any]) -> None:
+        """``steps`` only means something for a fixed-step method (settings.update hook)."""
+        name = changes.get("name", self.name)
+        if "steps" in changes and name not in FIXED_STEP_METHODS:
+            raise ValueError(
+                f"solver steps={changes['steps']} needs a fixed-step method "
+                f"({', '.join(sorted(FIXED_STEP_METHODS))}); '{name}' is adaptive"
+            )
 
     def with_(self, **changes: Any) -> SolverConfig:
         """A copy with some fields changed (e.g. ``solver.with_(rtol=1e-3)``)."""
@@ -103,21 +117,30 @@ class SolverConfig:
 
 
 class SolveStats:
-    """Function evaluations of one solve. ``nfe_backward`` is final after ``backward()``.
+    """Function evaluations of one or more solves, returned with their result.
 
-    With backprop through the solver the backward pass re-evaluates nothing
-    (it walks the recorded graph), so ``nfe_backward`` is 0; with the adjoint
-    it counts the evaluations of the backward solve.
+    ``nfe_backward`` is final after ``backward()``: with backprop through the
+    solver the backward pass re-evaluates nothing (it walks the recorded
+    graph), so it is 0; with the adjoint it counts the evaluations of the
+    backward solve. Statistics of several solves (the blocks of a stacked
+    CNF) add up with ``+``.
     """
 
-    def __init__(self, dynamics: AugmentedDynamics, solver: SolverConfig, nfe_forward: int):
-        self._dynamics = dynamics
-        self.solver = solver
-        self.nfe_forward = nfe_forward
+    def __init__(self, nfe_forward: int = 0, counters: tuple[Any, ...] = ()):
+        self.nfe_forward = int(nfe_forward)
+        self._counters = tuple(counters)
+
+    @classmethod
+    def of(cls, dynamics: AugmentedDynamics) -> SolveStats:
+        """The statistics of the solve ``dynamics`` has just finished."""
+        return cls(dynamics.nfe, (dynamics,))
 
     @property
     def nfe_backward(self) -> int:
-        return self._dynamics.nfe - self.nfe_forward
+        return sum(c.nfe for c in self._counters) - self.nfe_forward
+
+    def __add__(self, other: SolveStats) -> SolveStats:
+        return SolveStats(self.nfe_forward + other.nfe_forward, self._counters + other._counters)
 
     def as_dict(self) -> dict[str, Any]:
         return {"nfe_forward": self.nfe_forward, "nfe_backward": self.nfe_backward}
@@ -132,14 +155,14 @@ class ODESolution:
         logdet: ``log|det ∂z(t1)/∂z(t0)|`` per sample ``(B,)`` (None without divergence).
         regularizers: Per-sample integrals ``{"kinetic", "jacobian"}`` that were requested.
         trajectory: States at the requested times, ``(T, B, *event)``, or None.
-        stats: NFE counters and solver settings.
+        stats: NFE counters of this solve.
     """
 
     z: Tensor
     logdet: Tensor | None
     regularizers: dict[str, Tensor] = field(default_factory=dict)
     trajectory: Tensor | None = None
-    stats: SolveStats | None = None
+    stats: SolveStats = field(default_factory=SolveStats)
 
 
 class AugmentedDynamics(nn.Module):
@@ -266,7 +289,7 @@ def integrate(
         )
         traj_index = traj_index[2:]
 
-    kwargs: dict[str, Any] = {"method": solver.method}
+    kwargs: dict[str, Any] = {"method": solver.name}
     if solver.fixed_step:
         # Exactly `steps` equal steps: torchdiffeq's step_size grid can add a
         # zero-length step by round-off (e.g. 49 steps in float64), one step's NFE.
@@ -287,7 +310,7 @@ def integrate(
     else:
         out = odeint(dynamics, tuple(state), s_grid, **kwargs)
 
-    stats = SolveStats(dynamics, solver, dynamics.nfe)
+    stats = SolveStats.of(dynamics)
     zs = out[0]
     i = 1
     logdet = None

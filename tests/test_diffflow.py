@@ -75,10 +75,10 @@ def test_backward_noise_reproduces_forward_trajectory(overrides):
         for i in range(len(ts) - 1):
             dt = ts[i + 1] - ts[i]
             x, xn = states[i], states[i + 1]
-            d_f.append(forward_noise(x, xn, model.drift(x, ts[i]), gs[i], dt))
+            d_f.append(forward_noise(x, xn, model.drift(ts[i], x), gs[i], dt))
             d_b.append(
                 backward_noise(
-                    x, xn, model.drift(xn, ts[i + 1]), model.score(xn, ts[i + 1]), gs[i + 1], dt
+                    x, xn, model.drift(ts[i + 1], xn), model.score(ts[i + 1], xn), gs[i + 1], dt
                 )
             )
         back = run_backward(model, states[-1], ts, gs, sampler="sde", noise=d_b)
@@ -153,10 +153,10 @@ class LinearDynamics:
     def __init__(self, a, c):
         self.a, self.c = a, c
 
-    def drift(self, x: Tensor, t: Tensor) -> Tensor:
+    def drift(self, t: Tensor, x: Tensor) -> Tensor:
         return self.a(t) * x
 
-    def score(self, x: Tensor, t: Tensor) -> Tensor:
+    def score(self, t: Tensor, x: Tensor) -> Tensor:
         return -self.c(t) * x
 
 

@@ -149,7 +149,7 @@ def test_marginals_match_euler_maruyama(name):
         t = torch.tensor(i / steps, dtype=DT)
         x = (
             x
-            + sde.drift(x, t) * dt
+            + sde.drift(t, x) * dt
             + sde.g(t) * dt.sqrt() * torch.randn(x.shape, generator=g, dtype=DT)
         )
         if i + 1 in checkpoints:

@@ -14,7 +14,7 @@ References:
 
 from cnf.diffflow.chain import (
     BACKPROP_MODES,
-    SAMPLERS,
+    DIFFFLOW_SAMPLERS,
     CheckpointedPathNELBO,
     Dynamics,
     PathNELBO,
@@ -43,7 +43,7 @@ __all__ = [
     "Dynamics",
     "GRIDS",
     "PathNELBO",
-    "SAMPLERS",
+    "DIFFFLOW_SAMPLERS",
     "TimeGrid",
     "backward_noise",
     "build_diffusion",

@@ -61,10 +61,11 @@ from typing import Protocol
 
 import torch
 from torch import Tensor
+from cnf.registry import Registry
 
 __all__ = [
     "BACKPROP_MODES",
-    "SAMPLERS",
+    "DIFFFLOW_SAMPLERS",
     "CheckpointedPathNELBO",
     "Dynamics",
     "PathNELBO",
@@ -76,17 +77,22 @@ __all__ = [
     "run_backward",
 ]
 
-BACKPROP_MODES = ("autograd", "checkpointed")
-SAMPLERS = ("sde", "ode")
+BACKPROP_MODES: Registry[str] = Registry(
+    "DiffFlow backprop mode",
+    {"autograd": "through the stored graph", "checkpointed": "recompute each step"},
+)
+DIFFFLOW_SAMPLERS: Registry[str] = Registry(
+    "DiffFlow sampler", {"sde": "backward SDE chain", "ode": "deterministic drift f − ½g²s"}
+)
 
 
 class Dynamics(Protocol):
     """The two fields of a DiffFlow; ``t`` is a 0-dim tensor (one time per batch)."""
 
-    def drift(self, x: Tensor, t: Tensor) -> Tensor:
+    def drift(self, t: Tensor, x: Tensor) -> Tensor:
         """``f(x, t)``, same shape as ``x``."""
 
-    def score(self, x: Tensor, t: Tensor) -> Tensor:
+    def score(self, t: Tensor, x: Tensor) -> Tensor:
         """``s(x, t)``, same shape as ``x``."""
 
 
@@ -156,7 +162,7 @@ def _forward_terms(
     noises to the given lists if any.
     """
     x = x0
-    f = dyn.drift(x, ts[0])
+    f = dyn.drift(ts[0], x)
     steps = x0.new_zeros(x0.shape[0])
     if states is not None:
         states.append(x0)
@@ -164,8 +170,8 @@ def _forward_terms(
         dt = ts[i + 1] - ts[i]
         eps = torch.randn(x.shape, generator=generator, dtype=x.dtype, device=x.device)
         x_next = x + f * dt + gs[i] * dt.sqrt() * eps
-        f_next = dyn.drift(x_next, ts[i + 1])
-        s_next = dyn.score(x_next, ts[i + 1])
+        f_next = dyn.drift(ts[i + 1], x_next)
+        s_next = dyn.score(ts[i + 1], x_next)
         d_b = backward_noise(x, x_next, f_next, s_next, gs[i + 1], dt)
         # −½‖δ^F‖² = −½‖ε‖²: with ε held fixed it carries no gradient.
         steps = steps + 0.5 * (_sumsq(d_b) - _sumsq(eps))
@@ -226,14 +232,14 @@ class CheckpointedPathNELBO(torch.autograd.Function):
             with torch.enable_grad():
                 x_j = states[j].detach().requires_grad_(True)
                 inputs = [x_j]
-                f_j = dyn.drift(x_j, ts[j])
+                f_j = dyn.drift(ts[j], x_j)
                 local = x_j.new_zeros(())
                 if j < n:
                     local = local + (a_next * f_j).sum() * (ts[j + 1] - ts[j])
                 if j >= 1:
                     x_prev = states[j - 1].detach().requires_grad_(True)
                     inputs.append(x_prev)
-                    s_j = dyn.score(x_j, ts[j])
+                    s_j = dyn.score(ts[j], x_j)
                     d_b = backward_noise(x_prev, x_j, f_j, s_j, gs[j], ts[j] - ts[j - 1])
                     local = local + (w * 0.5 * _sumsq(d_b)).sum()
                 if j == n:
@@ -285,8 +291,7 @@ def path_nelbo(
         :class:`PathNELBO`, per sample. Run under ``torch.no_grad()`` for
         evaluation (either mode then computes the same forward pass).
     """
-    if backprop not in BACKPROP_MODES:
-        raise ValueError(f"unknown backprop '{backprop}'; valid: {', '.join(BACKPROP_MODES)}")
+    BACKPROP_MODES.check(backprop)
     if backprop == "checkpointed" and torch.is_grad_enabled():
         if params is None:
             params = dyn.parameters() if isinstance(dyn, torch.nn.Module) else ()
@@ -341,14 +346,13 @@ def run_backward(
     Returns:
         ``x_0``, same shape as ``x_n``.
     """
-    if sampler not in SAMPLERS:
-        raise ValueError(f"unknown sampler '{sampler}'; valid: {', '.join(SAMPLERS)}")
+    DIFFFLOW_SAMPLERS.check(sampler)
     get = noise if callable(noise) else (lambda i: None if noise is None else noise[i])
     x = x_n
     for i in range(len(ts) - 2, -1, -1):
         t, g = ts[i + 1], gs[i + 1]
         dt = t - ts[i]
-        f, s = dyn.drift(x, t), dyn.score(x, t)
+        f, s = dyn.drift(t, x), dyn.score(t, x)
         if sampler == "ode":
             x = x - (f - 0.5 * g * g * s) * dt
             continue

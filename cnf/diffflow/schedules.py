@@ -19,12 +19,13 @@ References:
 from __future__ import annotations
 
 import math
-from collections.abc import Callable, Mapping
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Any
 
 import torch
 from torch import Tensor
+
+from cnf.registry import Registry
 
 __all__ = [
     "BASE_DRIFTS",
@@ -46,17 +47,16 @@ def _power_warp(power: float) -> tuple[Callable[[Tensor], Tensor], Callable[[Ten
 
 
 # name → (power ↦ (warp, unwarp)): the grid is uniform in warp(t).
-GRIDS: dict[str, Callable[[float], tuple[Callable, Callable]]] = {
-    "uniform": _uniform_warp,
-    "power": _power_warp,
-}
+GRIDS: Registry[Callable[[float], tuple[Callable, Callable]]] = Registry(
+    "time grid", {"uniform": _uniform_warp, "power": _power_warp}
+)
 
 
 @dataclass(frozen=True)
 class TimeGrid:
     """A family of time grids on ``[t_start, t_end]``, one per number of steps.
 
-    ``kind="uniform"`` spaces ``t`` evenly; ``kind="power"`` spaces ``t**power``
+    ``name="uniform"`` spaces ``t`` evenly; ``name="power"`` spaces ``t**power``
     evenly (the released 2-D default is ``power = 0.9`` on ``[0.001, 0.05]``:
     slightly finer steps near the data). ``random=True`` asks for a
     *stratified* random grid (the released code's ``ExpTimer.rand``): the end
@@ -66,25 +66,24 @@ class TimeGrid:
     as ``Δt → 0`` (the step terms are O(√Δt) there).
 
     Args:
-        kind: One of :data:`GRIDS`.
+        name: One of :data:`GRIDS`.
         t_start: Time of the data end, ``> 0`` for ``power`` grids.
         t_end: Time of the prior end ``T``.
         power: Exponent of the ``power`` grid.
     """
 
-    kind: str = "power"
+    name: str = "power"
     t_start: float = 1e-3
     t_end: float = 0.05
     power: float = 0.9
 
     def __post_init__(self) -> None:
-        if self.kind not in GRIDS:
-            raise ValueError(f"unknown time grid '{self.kind}'; valid: {', '.join(sorted(GRIDS))}")
+        GRIDS.check(self.name)
         if not 0 <= self.t_start < self.t_end:
             raise ValueError(
                 f"time grid needs 0 <= t_start < t_end, got [{self.t_start}, {self.t_end}]"
             )
-        if self.kind == "power" and (self.power <= 0 or (self.t_start == 0 and self.power < 1)):
+        if self.name == "power" and (self.power <= 0 or (self.t_start == 0 and self.power < 1)):
             raise ValueError("power grid needs power > 0 (and t_start > 0 when power < 1)")
 
     def normalise(self, t: Tensor) -> Tensor:
@@ -103,7 +102,7 @@ class TimeGrid:
         """The grid ``t_0 < … < t_N`` of ``steps = N`` steps, shape ``(N + 1,)``."""
         if steps < 1:
             raise ValueError(f"a time grid needs >= 1 step, got {steps}")
-        warp, unwarp = GRIDS[self.kind](self.power)
+        warp, unwarp = GRIDS[self.name](self.power)
         # Built in float64 so that grids agree across dtypes up to the final cast.
         ends = warp(torch.tensor([self.t_start, self.t_end], dtype=torch.float64))
         a, b = float(ends[0]), float(ends[1])
@@ -147,7 +146,7 @@ class ConstantDiffusion(DiffusionSchedule):
 
     name = "constant"
 
-    def __init__(self, grid: TimeGrid, *, value: float):
+    def __init__(self, grid: TimeGrid, *, value: float = 0.2):
         super().__init__(grid)
         self.value = value
 
@@ -163,7 +162,7 @@ class LinearDiffusion(DiffusionSchedule):
 
     name = "linear"
 
-    def __init__(self, grid: TimeGrid, *, start: float, end: float):
+    def __init__(self, grid: TimeGrid, *, start: float = 1.0, end: float = 1.0):
         super().__init__(grid)
         self.start, self.end = start, end
 
@@ -176,7 +175,7 @@ class GeometricDiffusion(DiffusionSchedule):
 
     name = "geometric"
 
-    def __init__(self, grid: TimeGrid, *, start: float, end: float):
+    def __init__(self, grid: TimeGrid, *, start: float = 1.0, end: float = 1.0):
         super().__init__(grid)
         self.start, self.end = start, end
 
@@ -189,7 +188,7 @@ class VPDiffusion(DiffusionSchedule):
 
     name = "vp"
 
-    def __init__(self, grid: TimeGrid, *, beta_min: float, beta_max: float):
+    def __init__(self, grid: TimeGrid, *, beta_min: float = 0.1, beta_max: float = 20.0):
         super().__init__(grid)
         self.beta_min, self.beta_max = beta_min, beta_max
 
@@ -197,27 +196,30 @@ class VPDiffusion(DiffusionSchedule):
         return torch.sqrt(self.beta_min + (self.beta_max - self.beta_min) * u)
 
 
-# name → (class, config keys it reads)
-DIFFUSIONS: dict[str, tuple[type[DiffusionSchedule], tuple[str, ...]]] = {
-    "constant": (ConstantDiffusion, ("value",)),
-    "linear": (LinearDiffusion, ("start", "end")),
-    "geometric": (GeometricDiffusion, ("start", "end")),
-    "vp": (VPDiffusion, ("beta_min", "beta_max")),
-}
+DIFFUSIONS: Registry[type[DiffusionSchedule]] = Registry(
+    "diffusion schedule",
+    {
+        "constant": ConstantDiffusion,
+        "linear": LinearDiffusion,
+        "geometric": GeometricDiffusion,
+        "vp": VPDiffusion,
+    },
+)
 
 
-def build_diffusion(cfg: Mapping[str, Any], grid: TimeGrid) -> DiffusionSchedule:
-    """Build ``g(t)`` from ``{name, value, start, end, beta_min, beta_max}``.
+def build_diffusion(name: str, grid: TimeGrid, **options: float) -> DiffusionSchedule:
+    """Build ``g(t)`` by name with its own options (e.g. ``value`` for ``constant``).
 
     Raises:
-        ValueError: unknown name (listing the valid ones), or a schedule that
-            is not strictly positive on the grid.
+        ValueError: unknown name (listing the valid ones), an option the
+            schedule does not take, or a schedule that is not strictly
+            positive on the grid.
     """
-    name = cfg["name"]
-    if name not in DIFFUSIONS:
-        raise ValueError(f"unknown diffusion '{name}'; valid: {', '.join(sorted(DIFFUSIONS))}")
-    cls, keys = DIFFUSIONS[name]
-    sched = cls(grid, **{k: float(cfg[k]) for k in keys})
+    cls = DIFFUSIONS[name]
+    try:
+        sched = cls(grid, **{k: float(v) for k, v in options.items()})
+    except TypeError as e:
+        raise ValueError(f"diffusion '{name}': {e}") from None
     ends = sched.of_u(torch.tensor([0.0, 1.0], dtype=torch.float64))
     # Every schedule here is monotone in u, so the end points bound it.
     if not bool((ends > 0).all()):
@@ -240,7 +242,6 @@ def _vp_drift(x: Tensor, g: Tensor) -> Tensor:
 
 
 # name → f_base(x, g(t)); the model's drift is f_base + (learned residual).
-BASE_DRIFTS: dict[str, Callable[[Tensor, Tensor], Tensor]] = {
-    "zero": _zero_drift,
-    "vp": _vp_drift,
-}
+BASE_DRIFTS: Registry[Callable[[Tensor, Tensor], Tensor]] = Registry(
+    "base drift", {"zero": _zero_drift, "vp": _vp_drift}
+)

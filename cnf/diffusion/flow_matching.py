@@ -54,6 +54,7 @@ import numpy as np
 import torch
 from torch import Tensor
 
+from cnf.registry import Registry
 from cnf.solve import SolverConfig, SolveStats, integrate
 
 __all__ = [
@@ -150,10 +151,9 @@ def _assignment_permutation(cost: np.ndarray) -> np.ndarray:
     return perm
 
 
-OT_SOLVERS: dict[str, Callable[[np.ndarray], np.ndarray]] = {
-    "emd": _emd_permutation,
-    "assignment": _assignment_permutation,
-}
+OT_SOLVERS: Registry[Callable[[np.ndarray], np.ndarray]] = Registry(
+    "OT solver", {"emd": _emd_permutation, "assignment": _assignment_permutation}
+)
 
 
 def ot_permutation(x0: Tensor, x1: Tensor, *, solver: str = "emd") -> Tensor:
@@ -168,8 +168,6 @@ def ot_permutation(x0: Tensor, x1: Tensor, *, solver: str = "emd") -> Tensor:
         ``perm`` of shape ``(B,)`` (long, on ``x1``'s device) such that pairing
         ``x0[i]`` with ``x1[perm[i]]`` minimises ``Σ_i ‖x0[i] − x1[perm[i]]‖²``.
     """
-    if solver not in OT_SOLVERS:
-        raise ValueError(f"unknown OT solver '{solver}'; valid: {', '.join(sorted(OT_SOLVERS))}")
     if x0.shape[0] != x1.shape[0]:
         raise ValueError(f"OT pairing needs equal batch sizes, got {x0.shape[0]} and {x1.shape[0]}")
     perm = OT_SOLVERS[solver](_cost_matrix(x0, x1))
@@ -184,10 +182,9 @@ def _minibatch_ot(x0: Tensor, x1: Tensor, *, ot_solver: str = "emd") -> tuple[Te
     return x0, x1[ot_permutation(x0, x1, solver=ot_solver)]
 
 
-PAIRINGS: dict[str, Callable[..., tuple[Tensor, Tensor]]] = {
-    "rectified": _independent,
-    "ot": _minibatch_ot,
-}
+PAIRINGS: Registry[Callable[..., tuple[Tensor, Tensor]]] = Registry(
+    "pairing", {"rectified": _independent, "ot": _minibatch_ot}
+)
 
 
 def pair_batch(
@@ -199,8 +196,6 @@ def pair_batch(
         pairing: ``rectified`` (independent: as drawn) or ``ot`` (minibatch OT).
         ot_solver: For ``ot``: ``emd`` or ``assignment`` (see :func:`ot_permutation`).
     """
-    if pairing not in PAIRINGS:
-        raise ValueError(f"unknown pairing '{pairing}'; valid: {', '.join(sorted(PAIRINGS))}")
     return PAIRINGS[pairing](x0, x1, ot_solver=ot_solver)
 
 

@@ -7,8 +7,9 @@ Data at t = 0, noise at t = 1 (DESIGN.md §1). The probability-flow ODE
 has the same marginals as the forward SDE when ``s_θ`` is the true score
 (Song et al. 2021, §4.3). It is a CNF, so its log-likelihood comes from the
 instantaneous change of variables through the library's one ODE solve
-(:func:`cnf.solve.integrate`, any torchdiffeq solver, exact or Hutchinson
-divergence, NFE reported), integrated **from ε to 1**:
+(:func:`cnf.flows.base.flow_log_prob` over a :class:`~cnf.flows.cnf.CNF`
+block: any torchdiffeq solver, exact or Hutchinson divergence, NFE
+reported), integrated **from ε to 1**:
 
     log p_ε(x) = log π(x(1)) + ∫_ε^1 tr(∂f_ODE/∂x) dt,        x(ε) = x.
 
@@ -52,11 +53,16 @@ from torch import Tensor, nn
 
 from cnf.diffusion.sde import LinearSDE, expand_as
 from cnf.divergence import DivergenceEstimator, ExactDivergence
-from cnf.solve import SolverConfig, integrate
+from cnf.flows.base import FlowSettings, flow_log_prob
+from cnf.flows.cnf import CNF
+from cnf.registry import Registry
+from cnf.solve import SolverConfig
 
-__all__ = ["CORRECTIONS", "ProbabilityFlow", "probability_flow_nll"]
+__all__ = ["CORRECTIONS", "ProbabilityFlow", "probability_flow_cnf", "probability_flow_nll"]
 
-CORRECTIONS = ("truncate", "perturb")
+CORRECTIONS: Registry[str] = Registry(
+    "[0, ε] correction", {"truncate": "data at t = ε", "perturb": "Gaussian decoder bound"}
+)
 
 
 class ProbabilityFlow(nn.Module):
@@ -92,13 +98,13 @@ class ProbabilityFlow(nn.Module):
 
     def forward(self, t: Tensor | float, x: Tensor) -> Tensor:
         t = self._t(t, x)
-        return self.sde.drift(x, t) - 0.5 * expand_as(self.sde.g2(t), x) * self.score_fn(t, x)
+        return self.sde.drift(t, x) - 0.5 * expand_as(self.sde.g2(t), x) * self.score_fn(t, x)
 
     def _forward_with_jacobian(self, t: Tensor | float, x: Tensor) -> tuple[Tensor, Tensor]:
         t = self._t(t, x)
         s, js = self.score_fn.score_with_jacobian(t, x)
         g2 = self.sde.g2(t)
-        field = self.sde.drift(x, t) - 0.5 * g2.reshape(-1, 1) * s
+        field = self.sde.drift(t, x) - 0.5 * g2.reshape(-1, 1) * s
         eye = torch.eye(x.shape[1], dtype=x.dtype, device=x.device).unsqueeze(1)
         jac = self.sde.f(t).reshape(1, -1, 1) * eye - 0.5 * g2.reshape(1, -1, 1) * js
         return field, jac
@@ -130,8 +136,7 @@ def probability_flow_nll(
     Returns:
         ``(nll (B,), stats)`` with ``stats = {"nfe": forward NFE, "z": x(1)}``.
     """
-    if correction not in CORRECTIONS:
-        raise ValueError(f"unknown correction '{correction}'; valid: {', '.join(CORRECTIONS)}")
+    CORRECTIONS.check(correction)
     eps = sde.eps if eps is None else eps
     divergence = divergence or ExactDivergence()
     d = x[0].numel()
@@ -141,7 +146,14 @@ def probability_flow_nll(
         z = torch.randn(x.shape, generator=generator, dtype=x.dtype, device=x.device)
         x_eps = float(m) * x + float(s) * z
         offset = -d * math.log(float(m))
-    field = ProbabilityFlow(score_fn, sde, t_min=eps)
-    sol = integrate(field, x_eps, t0=eps, t1=sde.T, solver=solver, divergence=divergence)
-    nll = -(sde.prior_log_prob(sol.z) + sol.logdet) + offset
-    return nll, {"nfe": sol.stats.nfe_forward, "z": sol.z}
+    flow = probability_flow_cnf(score_fn, sde, eps=eps)
+    logp, out = flow_log_prob(
+        flow, sde.prior, x_eps, FlowSettings(solver=solver, divergence=divergence)
+    )
+    return -logp + offset, {"nfe": out.stats.nfe_forward, "z": out.z}
+
+
+def probability_flow_cnf(score_fn: Any, sde: LinearSDE, *, eps: float | None = None) -> CNF:
+    """The probability-flow ODE as a :class:`~cnf.flows.cnf.CNF` block on ``[ε, T]``."""
+    eps = sde.eps if eps is None else eps
+    return CNF(ProbabilityFlow(score_fn, sde, t_min=eps), t0=eps, t1=sde.T)

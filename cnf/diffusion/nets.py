@@ -1,7 +1,8 @@
 """Score networks: time embeddings, a time-conditioned MLP, output parameterisations.
 
 Data at t = 0, noise at t = 1 (DESIGN.md §1). A backbone ``net(t, x)``
-(:class:`ScoreMLP` for vectors, :class:`cnf.diffusion.unet.UNet` for images)
+(:func:`score_mlp` for vectors, :class:`cnf.diffusion.unet.UNet` and the
+published networks of :mod:`cnf.diffusion.ncsnpp` for images; :data:`SCORE_NETS`)
 predicts one of three targets, converted to the score ``s(t, x) ≈ ∇log p_t(x)``
 with the kernel ``p_{0t}(x_t | x_0) = N(m x_0, σ² I)`` of the SDE:
 
@@ -32,14 +33,15 @@ import torch
 from torch import Tensor, nn
 
 from cnf.diffusion.sde import LinearSDE, expand_as
-from cnf.nets import ACTIVATIONS, _activation_tangent, _lookup
+from cnf.nets import TimeMLP
+from cnf.registry import Registry
 
 __all__ = [
     "CONDITIONINGS",
     "PARAMETERIZATIONS",
     "TIME_EMBEDDINGS",
     "GaussianFourierEmbedding",
-    "ScoreMLP",
+    "SCORE_NETS",
     "ScoreNetwork",
     "SinusoidalEmbedding",
     "build_time_embedding",
@@ -47,7 +49,9 @@ __all__ = [
     "score_to_output",
 ]
 
-PARAMETERIZATIONS = ("score", "noise", "data")
+PARAMETERIZATIONS: Registry[str] = Registry(
+    "parameterization", {"score": "s = out", "noise": "s = −ε̂/σ", "data": "s = (m x̂₀ − x)/σ²"}
+)
 
 
 def _per_sample_time(t: Tensor | float, x: Tensor) -> Tensor:
@@ -113,11 +117,10 @@ class IdentityEmbedding(nn.Module):
         return t.reshape(-1, 1)
 
 
-TIME_EMBEDDINGS: dict[str, Callable[..., nn.Module]] = {
-    "sinusoidal": SinusoidalEmbedding,
-    "fourier": GaussianFourierEmbedding,
-    "none": IdentityEmbedding,
-}
+TIME_EMBEDDINGS: Registry[Callable[..., nn.Module]] = Registry(
+    "time embedding",
+    {"sinusoidal": SinusoidalEmbedding, "fourier": GaussianFourierEmbedding, "none": IdentityEmbedding},
+)
 
 
 def build_time_embedding(name: str, dim: int, *, scale: float | None = None) -> nn.Module:
@@ -126,81 +129,57 @@ def build_time_embedding(name: str, dim: int, *, scale: float | None = None) -> 
     ``scale``: the highest angular frequency of ``sinusoidal`` (default 1000) or
     the frequency std of ``fourier`` (default 16).
     """
-    cls = _lookup(TIME_EMBEDDINGS, name, "time embedding")
+    cls = TIME_EMBEDDINGS[name]
     if name == "none" or scale is None:
         return cls(dim)
     return cls(dim, scale=scale)
 
 
-# ----------------------------------------------------------------------- MLP
-class ScoreMLP(nn.Module):
-    """MLP ``(t, x) -> y`` with the time embedding added into every hidden layer.
+# ------------------------------------------------------------------ backbones
+def score_mlp(
+    dim: int,
+    *,
+    hidden_dims: Sequence[int] = (128, 128, 128),
+    activation: str = "swish",
+    time_embedding: str = "sinusoidal",
+    embed_dim: int = 32,
+    embed_scale: float | None = None,
+) -> TimeMLP:
+    """The score models' MLP backbone on flat vectors ``(B, D)``.
 
-    ``h_{k+1} = act(W_k h_k + U_k e(t) + b_k)``, output ``W_L h_L + b_L``.
-    Every layer is affine in ``h`` with an additive time term, so the
-    Jacobian ``∂y/∂x`` propagates in forward mode (:meth:`forward_with_jacobian`),
-    which the exact divergence of the probability-flow ODE uses in low
-    dimension (see :class:`cnf.divergence.ExactDivergence`).
-
-    Args:
-        dim: Data dimension ``D``.
-        hidden_dims: Hidden widths.
-        activation: One of :data:`cnf.nets.ACTIVATIONS`.
-        time_embedding: One of :data:`TIME_EMBEDDINGS`.
-        embed_dim: Width of the time embedding.
-        embed_scale: Frequency scale of the embedding (None: its default).
-
-    Shapes: ``t`` scalar or ``(B,)``; ``x`` ``(B, D)``; output ``(B, D)``.
+    ``h_{k+1} = act(W_k h_k + U_k e(c) + b_k)``, output ``W_L h_L + b_L``: a
+    :class:`cnf.nets.TimeMLP` with ``add`` layers and the embedding ``e`` of
+    the noise-level input shared by the layers. Every layer is affine in
+    ``h`` with an additive time term, so the Jacobian propagates in forward
+    mode — the exact divergence of the probability-flow ODE uses it.
     """
+    return TimeMLP(
+        dim,
+        tuple(hidden_dims),
+        layer="add",
+        out_layer="ignore",
+        activation=activation,
+        time_embedding=time_embedding,
+        embed_dim=embed_dim,
+        embed_scale=embed_scale,
+    )
 
-    def __init__(
-        self,
-        dim: int,
-        hidden_dims: Sequence[int] = (128, 128, 128),
-        *,
-        activation: str = "swish",
-        time_embedding: str = "sinusoidal",
-        embed_dim: int = 32,
-        embed_scale: float | None = None,
-    ):
-        super().__init__()
-        act_cls = _lookup(ACTIVATIONS, activation, "activation")
-        self.embed = build_time_embedding(time_embedding, embed_dim, scale=embed_scale)
-        dims = [dim, *hidden_dims]
-        self.linears = nn.ModuleList(nn.Linear(a, b) for a, b in zip(dims[:-1], dims[1:]))
-        self.time_proj = nn.ModuleList(nn.Linear(self.embed.dim, b, bias=False) for b in dims[1:])
-        self.acts = nn.ModuleList(act_cls() for _ in dims[1:])
-        self.out = nn.Linear(dims[-1], dim)
 
-    def forward(self, t: Tensor | float, x: Tensor) -> Tensor:
-        e = self.embed(_per_sample_time(t, x))
-        h = x
-        for lin, proj, act in zip(self.linears, self.time_proj, self.acts):
-            h = act(lin(h) + proj(e))
-        return self.out(h)
+# name → builder(shape, **options) of a backbone (c, x) -> output. ``image`` backbones
+# take the image shape (C, H, W); the others the flat dimension D.
+SCORE_NETS: Registry[Callable[..., nn.Module]] = Registry("score network", {"mlp": score_mlp})
+IMAGE_NETS: set[str] = set()
 
-    def forward_with_jacobian(self, t: Tensor | float, x: Tensor) -> tuple[Tensor, Tensor]:
-        """Output and Jacobian ``J[i, b, j] = ∂y_j/∂x_i`` (shape ``(D, B, D)``)."""
-        batch, d = x.shape
-        e = self.embed(_per_sample_time(t, x))
-        h = x
-        # (D, 1, D): identical for every sample until the first activation, so
-        # the tangents broadcast over the batch for free.
-        dh = torch.eye(d, dtype=x.dtype, device=x.device).unsqueeze(1)
-        for lin, proj, act in zip(self.linears, self.time_proj, self.acts):
-            a = lin(h) + proj(e)
-            h = act(a)
-            dh = _activation_tangent(act, a, h, torch.nn.functional.linear(dh, lin.weight))
-        jac = torch.nn.functional.linear(dh, self.out.weight)
-        return self.out(h), jac.expand(d, batch, jac.shape[-1])
+
+def register_image_net(name: str, builder: Callable[..., nn.Module]) -> None:
+    """Add a convolutional backbone ``builder(image_shape, **options)`` to :data:`SCORE_NETS`."""
+    SCORE_NETS.register(name, builder)
+    IMAGE_NETS.add(name)
 
 
 # ---------------------------------------------------------- parameterisation
 def _check_parameterization(name: str) -> None:
-    if name not in PARAMETERIZATIONS:
-        raise ValueError(
-            f"unknown parameterization '{name}'; valid: {', '.join(PARAMETERIZATIONS)}"
-        )
+    PARAMETERIZATIONS.check(name)
 
 
 def output_to_score(
@@ -237,7 +216,9 @@ def score_to_output(
     return (x + s.pow(2) * score) / m
 
 
-CONDITIONINGS = ("time", "log_sigma")
+CONDITIONINGS: Registry[str] = Registry(
+    "noise-level conditioning", {"time": "c = t", "log_sigma": "c = log(σ(t)/m(t))"}
+)
 
 
 class ScoreNetwork(nn.Module):
@@ -269,10 +250,7 @@ class ScoreNetwork(nn.Module):
     ):
         super().__init__()
         _check_parameterization(parameterization)
-        if conditioning not in CONDITIONINGS:
-            raise ValueError(
-                f"unknown conditioning '{conditioning}'; valid: {', '.join(CONDITIONINGS)}"
-            )
+        CONDITIONINGS.check(conditioning)
         self.net = net
         self.sde = sde
         self.parameterization = parameterization

@@ -2,9 +2,9 @@
 
 Data at t = 0, noise at t = 1 (DESIGN.md §1): every sampler starts from
 ``x_T ~ π`` at t = 1 and integrates back to the truncation time ε. Each is a
-plain function of ``(score_fn, sde, x_T, *, steps, ...)`` (k-diffusion
+plain function of ``(score_fn, sde, x_T, options, *, generator)`` (k-diffusion
 style) returning ``(x_ε, {"nfe": score evaluations, ...})``, so "sampler ×
-steps" sweeps need no special cases. :data:`SAMPLERS` names them.
+steps" sweeps need no special cases. :data:`SCORE_SAMPLERS` names them.
 
 Reverse-time SDE (Anderson 1982; Song et al. 2021, eq. 6)::
 
@@ -32,6 +32,7 @@ References:
 from __future__ import annotations
 
 from collections.abc import Callable
+from dataclasses import dataclass
 from typing import Any
 
 import torch
@@ -40,16 +41,59 @@ from torch import Tensor, nn
 from cnf.diffusion.likelihood import ProbabilityFlow
 from cnf.diffusion.score import ScoreFn
 from cnf.diffusion.sde import LinearSDE, expand_as
+from cnf.registry import Registry
 from cnf.solve import SolverConfig, integrate
 
 __all__ = [
-    "SAMPLERS",
+    "SCORE_SAMPLERS",
+    "SDE_METHODS",
+    "SamplerOptions",
     "euler_maruyama",
     "predictor_corrector",
     "probability_flow_sample",
     "sdeint_sample",
     "time_grid",
 ]
+
+
+SDE_METHODS: Registry[str] = Registry(
+    "torchsde method", {"euler": "Euler–Maruyama", "milstein": "Milstein", "srk": "stochastic RK"}
+)
+
+
+@dataclass(frozen=True)
+class SamplerOptions:
+    """The options every sampler takes (each reads the ones it uses).
+
+    Attributes:
+        steps: Time steps of the SDE samplers (``em``, ``pc``, ``sdeint``).
+        solver: ODE solver of the ``ode`` sampler (fixed-step methods carry their steps).
+        snr, corrector_steps: Langevin corrector of ``pc``.
+        sde_method: torchsde method of ``sdeint``.
+        eps: End time (None: the SDE's truncation time).
+    """
+
+    steps: int = 500
+    solver: SolverConfig = SolverConfig()
+    snr: float = 0.16
+    corrector_steps: int = 1
+    sde_method: str = "euler"
+    eps: float | None = None
+
+    def __post_init__(self) -> None:
+        if self.steps < 1:
+            raise ValueError(f"steps must be >= 1, got {self.steps}")
+        if self.snr <= 0 or self.corrector_steps < 0:
+            raise ValueError(
+                f"need snr > 0 and corrector_steps >= 0, got {self.snr}, {self.corrector_steps}"
+            )
+        SDE_METHODS.check(self.sde_method, key="sde_method")
+
+
+DEFAULT_OPTIONS = SamplerOptions()
+
+# Every sampler: (score_fn, sde, x_T, options, *, generator) -> (x_ε, {"nfe": ...}).
+Sampler = Callable[..., tuple[Tensor, dict[str, Any]]]
 
 
 def time_grid(sde: LinearSDE, steps: int, *, eps: float | None = None, like: Tensor) -> Tensor:
@@ -63,7 +107,7 @@ def time_grid(sde: LinearSDE, steps: int, *, eps: float | None = None, like: Ten
 def _reverse_drift(score_fn: ScoreFn, sde: LinearSDE, x: Tensor, t: Tensor) -> Tensor:
     """``f x − g² s`` at one time ``t`` (0-dim), for the whole batch."""
     tb = t.expand(x.shape[0])
-    return sde.drift(x, tb) - expand_as(sde.g2(tb), x) * score_fn(tb, x)
+    return sde.drift(tb, x) - expand_as(sde.g2(tb), x) * score_fn(tb, x)
 
 
 def _noise(x: Tensor, generator: torch.Generator | None) -> Tensor:
@@ -75,9 +119,8 @@ def euler_maruyama(
     score_fn: ScoreFn,
     sde: LinearSDE,
     x_T: Tensor,
+    options: SamplerOptions = DEFAULT_OPTIONS,
     *,
-    steps: int,
-    eps: float | None = None,
     generator: torch.Generator | None = None,
 ) -> tuple[Tensor, dict[str, Any]]:
     """Euler–Maruyama on the reverse SDE from 1 to ε, noise-free last step.
@@ -86,14 +129,14 @@ def euler_maruyama(
         score_fn: ``(t, x) -> s`` with ``t`` ``(B,)``.
         sde: The forward SDE.
         x_T: Prior draws ``(B, *event)``.
-        steps: Number of steps (= NFE).
-        eps: End time (default ``sde.eps``).
+        options: ``steps`` (= NFE) and ``eps`` (end time, default ``sde.eps``).
         generator: For the Brownian increments.
 
     Returns:
         ``(x_ε, {"nfe": steps})``.
     """
-    ts = time_grid(sde, steps, eps=eps, like=x_T)
+    steps = options.steps
+    ts = time_grid(sde, steps, eps=options.eps, like=x_T)
     x = x_T
     for i in range(steps):
         t, dt = ts[i], ts[i] - ts[i + 1]
@@ -126,26 +169,21 @@ def predictor_corrector(
     score_fn: ScoreFn,
     sde: LinearSDE,
     x_T: Tensor,
+    options: SamplerOptions = DEFAULT_OPTIONS,
     *,
-    steps: int,
-    snr: float = 0.16,
-    corrector_steps: int = 1,
-    eps: float | None = None,
     generator: torch.Generator | None = None,
 ) -> tuple[Tensor, dict[str, Any]]:
     """Predictor–corrector sampling: Langevin corrector, then an Euler–Maruyama predictor step.
 
-    Args:
-        snr: Signal-to-noise ratio of the Langevin steps (0.16 in Song et al. for VE
-            on CIFAR-10; smaller is gentler).
-        corrector_steps: Langevin steps per time step.
+    Options: ``steps``; ``snr``, the signal-to-noise ratio of the Langevin
+    steps (0.16 in Song et al. for VE on CIFAR-10; smaller is gentler);
+    ``corrector_steps``, Langevin steps per time step.
 
     Returns:
         ``(x_ε, {"nfe": steps · (1 + corrector_steps)})``.
     """
-    if snr <= 0 or corrector_steps < 0:
-        raise ValueError(f"need snr > 0 and corrector_steps >= 0, got {snr}, {corrector_steps}")
-    ts = time_grid(sde, steps, eps=eps, like=x_T)
+    steps, snr, corrector_steps = options.steps, options.snr, options.corrector_steps
+    ts = time_grid(sde, steps, eps=options.eps, like=x_T)
     x = x_T
     for i in range(steps):
         t, dt = ts[i], ts[i] - ts[i + 1]
@@ -162,25 +200,21 @@ def probability_flow_sample(
     score_fn: ScoreFn,
     sde: LinearSDE,
     x_T: Tensor,
+    options: SamplerOptions = DEFAULT_OPTIONS,
     *,
-    solver: SolverConfig,
-    eps: float | None = None,
-    steps: int | None = None,
     generator: torch.Generator | None = None,
 ) -> tuple[Tensor, dict[str, Any]]:
     """Integrate the probability-flow ODE from 1 to ε with :func:`cnf.solve.integrate`.
 
-    Args:
-        solver: Adaptive (``dopri5`` + tolerances) or fixed-step (``euler``, ``rk4`` + steps).
-        steps: Shorthand that overrides ``solver.steps`` (fixed-step methods).
-        generator: Unused (the ODE is deterministic); kept for a uniform signature.
+    Options: ``solver``, adaptive (``dopri5`` + tolerances) or fixed-step
+    (``euler``, ``rk4`` + steps). ``generator`` is unused (the ODE is
+    deterministic).
 
     Returns:
         ``(x_ε, {"nfe": forward NFE, "solver": settings})``.
     """
-    if steps is not None:
-        solver = solver.with_(steps=steps)
-    eps = sde.eps if eps is None else eps
+    solver = options.solver
+    eps = sde.eps if options.eps is None else options.eps
     field = ProbabilityFlow(score_fn, sde, t_min=eps)
     sol = integrate(field, x_T, t0=sde.T, t1=eps, solver=solver)
     return sol.z, {"nfe": sol.stats.nfe_forward, "solver": solver.describe()}
@@ -202,7 +236,7 @@ class _ReverseSDE(nn.Module):
         x = y.reshape(self.shape)
         t = (self.sde.T - tau).to(y).expand(x.shape[0])
         # dτ = −dt, so the drift changes sign; the noise term keeps its law.
-        return -(self.sde.drift(x, t) - expand_as(self.sde.g2(t), x) * self.score_fn(t, x)).reshape(
+        return -(self.sde.drift(t, x) - expand_as(self.sde.g2(t), x) * self.score_fn(t, x)).reshape(
             y.shape
         )
 
@@ -216,24 +250,23 @@ def sdeint_sample(
     score_fn: ScoreFn,
     sde: LinearSDE,
     x_T: Tensor,
+    options: SamplerOptions = DEFAULT_OPTIONS,
     *,
-    steps: int,
-    method: str = "euler",
-    eps: float | None = None,
     generator: torch.Generator | None = None,
 ) -> tuple[Tensor, dict[str, Any]]:
     """The reverse SDE through ``torchsde.sdeint`` with ``steps`` fixed steps.
 
-    Args:
-        method: A torchsde Itô method for diagonal noise (``euler``, ``milstein``, ``srk``).
-        generator: Seeds torchsde's Brownian interval (reproducible draws).
+    Options: ``steps``; ``sde_method``, a torchsde Itô method for diagonal
+    noise (``euler``, ``milstein``, ``srk``). ``generator`` seeds torchsde's
+    Brownian interval (reproducible draws).
 
     Returns:
         ``(x_ε, {"nfe": drift evaluations})``.
     """
     import torchsde
 
-    eps = sde.eps if eps is None else eps
+    steps, method = options.steps, options.sde_method
+    eps = sde.eps if options.eps is None else options.eps
     shape = tuple(x_T.shape)
     rsde = _ReverseSDE(score_fn, sde, shape)
     y0 = x_T.reshape(shape[0], -1)
@@ -247,9 +280,12 @@ def sdeint_sample(
     return ys[-1].reshape(shape), {"nfe": rsde.nfe}
 
 
-SAMPLERS: dict[str, Callable[..., tuple[Tensor, dict[str, Any]]]] = {
-    "em": euler_maruyama,
-    "pc": predictor_corrector,
-    "ode": probability_flow_sample,
-    "sdeint": sdeint_sample,
-}
+SCORE_SAMPLERS: Registry[Sampler] = Registry(
+    "sampler",
+    {
+        "em": euler_maruyama,
+        "pc": predictor_corrector,
+        "ode": probability_flow_sample,
+        "sdeint": sdeint_sample,
+    },
+)

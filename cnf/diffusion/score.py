@@ -64,6 +64,7 @@ import torch
 from torch import Tensor
 
 from cnf.diffusion.sde import LinearSDE, expand_as
+from cnf.registry import Registry
 
 __all__ = [
     "WEIGHTINGS",
@@ -78,7 +79,10 @@ __all__ = [
 ScoreFn = Callable[[Tensor, Tensor], Tensor]
 """A score function ``(t, x) -> s``, ``t`` of shape ``(B,)``, ``x`` and ``s`` ``(B, *event)``."""
 
-WEIGHTINGS = ("variance", "likelihood", "likelihood_is")
+WEIGHTINGS: Registry[str] = Registry(
+    "score-matching weighting",
+    {"variance": "λ = σ²", "likelihood": "λ = g²", "likelihood_is": "λ = g², t ~ g²/σ²"},
+)
 
 
 def _flat_sq(v: Tensor) -> Tensor:
@@ -111,8 +115,7 @@ def sample_time(
     Returns:
         ``(t, w)``, both of shape ``(n,)``.
     """
-    if weighting not in WEIGHTINGS:
-        raise ValueError(f"unknown weighting '{weighting}'; valid: {', '.join(WEIGHTINGS)}")
+    WEIGHTINGS.check(weighting)
     eps = sde.eps if eps is None else eps
     dtype = dtype or torch.get_default_dtype()
     if weighting == "likelihood_is":
@@ -175,7 +178,7 @@ def dsm_loss(
         w = _weight_at(sde, t, weighting, eps)
     if noise is None:
         noise = torch.randn(x0.shape, generator=generator, dtype=x0.dtype, device=x0.device)
-    xt = sde.perturb(x0, t, noise)
+    xt = sde.perturb(t, x0, noise)
     _, s = sde.marginal(t)
     residual = expand_as(s, x0) * score_fn(t, xt) + noise
     return 0.5 * w * _flat_sq(residual)
@@ -190,7 +193,8 @@ def _weight_at(sde: LinearSDE, t: Tensor, weighting: str, eps: float | None) -> 
         return (sde.T - eps) * sde.g2(t) / s.pow(2)
     if weighting == "likelihood_is":
         return torch.full_like(t, sde.importance_normalizer(eps))
-    raise ValueError(f"unknown weighting '{weighting}'; valid: {', '.join(WEIGHTINGS)}")
+    WEIGHTINGS.check(weighting)
+    raise AssertionError(weighting)  # pragma: no cover - every registered weighting is handled
 
 
 def prior_kl(sde: LinearSDE, x0: Tensor) -> Tensor:

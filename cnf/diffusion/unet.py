@@ -27,7 +27,7 @@ import torch.nn.functional as F
 from einops import rearrange
 from torch import Tensor, nn
 
-from cnf.diffusion.nets import SinusoidalEmbedding, _per_sample_time
+from cnf.diffusion.nets import SinusoidalEmbedding, _per_sample_time, register_image_net
 
 __all__ = ["UNet"]
 
@@ -178,3 +178,6 @@ class UNet(nn.Module):
             else:
                 h = layer(h)
         return self.conv_out(F.silu(self.norm_out(h))).reshape(shape)
+
+
+register_image_net("unet", UNet)

@@ -1,12 +1,22 @@
-"""FFJORD continuous normalizing flow behind the :class:`~cnf.flows.base.Flow` interface.
+"""The continuous normalizing flow block (FFJORD) behind the :class:`~cnf.flows.base.Flow` interface.
 
-Data at t = 0, base at t = T (DESIGN.md §1): ``forward`` integrates
-``dz/dt = f_θ(t, z)`` from 0 to T and returns ``logdet = ∫_0^T tr(∂f/∂z) dt``,
-so ``log p(x) = log p_Z(z(T)) + logdet``; ``inverse`` integrates back from T
-to 0 without the divergence. The end time can be learned: ``T = exp(log_T)``
-enters the solve as a differentiable interval end (see :mod:`cnf.solve`), so
-it really receives a gradient — unlike FFJORD's ``train_T``, which rebuilt
-the time tensor with ``torch.tensor`` and cut the graph.
+Data at ``t0`` (0 unless a family truncates, as score models do at ε), base at
+``t1 = T`` (docs/methods.md §2): :meth:`CNF.transform` integrates
+``dz/dt = f_θ(t, z)`` from ``t0`` to ``T`` and returns
+``logdet = ∫ tr(∂f/∂z) dt``, so ``log p(x) = log p_Z(z(T)) + logdet``;
+:meth:`CNF.inverse_transform` integrates back from ``T`` to ``t0`` without the
+divergence. The solver and divergence estimator of a call come from its
+:class:`~cnf.flows.base.FlowSettings` (default: the block's training
+settings), and the call's statistics come back with its result.
+
+The end time can be learned: ``t1 = t0 + exp(log_T)`` enters the solve as a
+differentiable interval end (see :mod:`cnf.solve`), so it really receives a
+gradient — unlike FFJORD's ``train_T``, which rebuilt the time tensor with
+``torch.tensor`` and cut the graph.
+
+This one block serves FFJORD, flow matching (the learned velocity field), the
+probability-flow ODE of score models and INDM's latent: every ODE likelihood
+in the library is :func:`cnf.flows.base.flow_log_prob` over a flow holding it.
 
 References:
     Grathwohl et al., "FFJORD: Free-form continuous dynamics for scalable
@@ -15,117 +25,106 @@ References:
 
 from __future__ import annotations
 
-import contextlib
 import math
-from collections.abc import Iterator
 
 import torch
 from torch import Tensor, nn
 
 from cnf.divergence import DivergenceEstimator, ExactDivergence
-from cnf.flows.base import Flow
+from cnf.flows.base import DEFAULT_SETTINGS, Flow, FlowOutput, FlowSettings
 from cnf.solve import ODESolution, SolverConfig, SolveStats, integrate
+
+__all__ = ["CNF"]
 
 
 class CNF(Flow):
-    """One CNF block.
+    """One CNF block on ``[t0, t1]``.
 
     Args:
         field: Vector field module ``(t, z) -> dz/dt`` (e.g. :class:`cnf.nets.TimeMLP`).
-        time_length: End time ``T`` (initial value if learned).
-        learn_time: Learn ``T`` (parameterised as ``exp(log_T)``).
-        solver: Solver settings used in training mode.
-        eval_solver: Solver settings used in eval mode (default: ``solver``).
-        divergence: Estimator used in training mode.
-        eval_divergence: Estimator used in eval mode (default: ``divergence``).
-        kinetic, jacobian: Integrate RNODE's regularisers in training mode.
+        t0: Start time (the data end).
+        t1: End time (the base end); its initial value if learned.
+        learn_time: Learn the interval length ``T = t1 − t0`` (as ``exp(log_T)``).
+        solver: Solver of calls that do not choose one (training).
+        divergence: Trace estimator of calls that do not choose one (training).
+        kinetic, jacobian: The RNODE regularisers this block integrates when a
+            call asks for them (``FlowSettings.regularize``).
     """
 
     def __init__(
         self,
         field: nn.Module,
         *,
-        time_length: float = 1.0,
+        t0: float = 0.0,
+        t1: float = 1.0,
         learn_time: bool = False,
         solver: SolverConfig | None = None,
-        eval_solver: SolverConfig | None = None,
         divergence: DivergenceEstimator | None = None,
-        eval_divergence: DivergenceEstimator | None = None,
         kinetic: bool = False,
         jacobian: bool = False,
     ):
         super().__init__()
-        if time_length <= 0:
-            raise ValueError(f"time_length must be > 0, got {time_length}")
+        if not t1 > t0:
+            raise ValueError(f"a CNF block needs t1 > t0, got [{t0}, {t1}]")
         self.field = field
-        log_t = torch.tensor(math.log(time_length))
-        if learn_time:
-            self.log_T = nn.Parameter(log_t)
-        else:
-            self.register_buffer("log_T", log_t)
+        self.t0, self.t1 = float(t0), float(t1)
+        self.log_T = nn.Parameter(torch.tensor(math.log(t1 - t0))) if learn_time else None
         self.solver = solver or SolverConfig()
-        self.eval_solver = eval_solver or self.solver
         self.divergence = divergence or ExactDivergence()
-        self.eval_divergence = eval_divergence or self.divergence
         self.kinetic, self.jacobian = kinetic, jacobian
-        self.last_solution: ODESolution | None = None
+
+    def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs):  # noqa: ANN001
+        # Checkpoints before the restructure kept a fixed T as a log_T buffer.
+        if self.log_T is None:
+            state_dict.pop(prefix + "log_T", None)
+        super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
 
     @property
-    def T(self) -> Tensor:  # noqa: N802 - paper notation
-        return self.log_T.exp()
+    def T(self) -> Tensor | float:  # noqa: N802 - paper notation
+        """Length of the interval (a tensor when learned)."""
+        return self.log_T.exp() if self.log_T is not None else self.t1 - self.t0
 
-    def _settings(self) -> tuple[SolverConfig, DivergenceEstimator]:
-        if self.training:
-            return self.solver, self.divergence
-        return self.eval_solver, self.eval_divergence
+    def _end(self, like: Tensor) -> Tensor | float:
+        if self.log_T is None:
+            return self.t1
+        return self.t0 + self.log_T.exp().to(like.dtype)
 
-    def forward(self, x: Tensor) -> tuple[Tensor, Tensor]:
-        solver, divergence = self._settings()
-        sol = integrate(
+    def solve(
+        self, x: Tensor, settings: FlowSettings = DEFAULT_SETTINGS, *, times: Tensor | None = None
+    ) -> ODESolution:
+        """Integrate ``[z, logdet, regularisers]`` from the data end to the base end."""
+        regularize = settings.regularize
+        return integrate(
             self.field,
             x,
-            t0=0.0,
-            t1=self.T.to(x.dtype),
-            solver=solver,
-            divergence=divergence,
-            kinetic=self.training and self.kinetic,
-            jacobian=self.training and self.jacobian,
+            t0=self.t0,
+            t1=self._end(x),
+            solver=settings.solver or self.solver,
+            divergence=settings.divergence or self.divergence,
+            kinetic=regularize and self.kinetic,
+            jacobian=regularize and self.jacobian,
+            times=times,
         )
-        self.last_solution = sol
+
+    def transform(self, x: Tensor, settings: FlowSettings = DEFAULT_SETTINGS) -> FlowOutput:
+        sol = self.solve(x, settings)
+        return FlowOutput(sol.z, sol.logdet, sol.stats, dict(sol.regularizers))
+
+    def forward(self, x: Tensor) -> tuple[Tensor, Tensor]:
+        sol = self.solve(x)
         return sol.z, sol.logdet
 
+    def inverse_transform(
+        self, z: Tensor, settings: FlowSettings = DEFAULT_SETTINGS
+    ) -> tuple[Tensor, SolveStats]:
+        sol = integrate(
+            self.field,
+            z,
+            t0=self._end(z),
+            t1=self.t0,
+            solver=settings.solver or self.solver,
+        )
+        return sol.z, sol.stats
+
     def inverse(self, z: Tensor) -> Tensor:
-        solver, _ = self._settings()
-        sol = integrate(self.field, z, t0=self.T.to(z.dtype), t1=0.0, solver=solver)
-        self.last_solution = sol
-        return sol.z
-
-    def trajectory(self, x: Tensor, times: Tensor) -> Tensor:
-        """States ``z(t)`` for ``t`` in ``times`` (within ``[0, T]``, increasing), ``(len(times), B, D)``."""
-        solver, _ = self._settings()
-        sol = integrate(self.field, x, t0=0.0, t1=self.T.to(x.dtype), solver=solver, times=times)
-        self.last_solution = sol
-        return sol.trajectory
-
-    def regularization(self) -> dict[str, Tensor]:
-        return dict(self.last_solution.regularizers) if self.last_solution else {}
-
-    @property
-    def last_stats(self) -> SolveStats | None:
-        return self.last_solution.stats if self.last_solution else None
-
-    @contextlib.contextmanager
-    def using(
-        self,
-        *,
-        solver: SolverConfig | None = None,
-        divergence: DivergenceEstimator | None = None,
-    ) -> Iterator[None]:
-        """Temporarily replace the eval-mode solver and/or divergence estimator."""
-        old = (self.eval_solver, self.eval_divergence)
-        self.eval_solver = solver or self.eval_solver
-        self.eval_divergence = divergence or self.eval_divergence
-        try:
-            yield
-        finally:
-            self.eval_solver, self.eval_divergence = old
+        return self.inverse_transform(z)[0]

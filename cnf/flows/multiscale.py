@@ -33,7 +33,14 @@ from __future__ import annotations
 import torch
 from torch import Tensor, nn
 
-from cnf.flows.base import Flow, SequentialFlow, sum_except_batch
+from cnf.flows.base import (
+    DEFAULT_SETTINGS,
+    Flow,
+    FlowOutput,
+    FlowSettings,
+    SequentialFlow,
+    sum_except_batch,
+)
 from cnf.flows.coupling import (
     AdditiveCoupling,
     AffineCoupling,
@@ -44,6 +51,7 @@ from cnf.flows.coupling import (
     image_checkerboard_mask,
 )
 from cnf.flows.glow import ActNorm, GlowStep, Squeeze
+from cnf.solve import SolveStats
 
 __all__ = [
     "ConditionalStandardization",
@@ -141,48 +149,60 @@ class MultiScaleLevel(Flow):
     def _keep(self, c: int) -> int:
         return self.keep_channels if self.keep_channels is not None else c // 2
 
-    def forward(self, x: Tensor) -> tuple[Tensor, Tensor]:
-        """``(B, C, H, W) -> (B, C, H, W)``, logdet ``(B,)``."""
-        logdet = x.new_zeros(x.shape[0])
+    def transform(self, x: Tensor, settings: FlowSettings = DEFAULT_SETTINGS) -> FlowOutput:
+        """``(B, C, H, W) -> (B, C, H, W)``, logdet ``(B,)``, and the statistics of every block."""
+        out = FlowOutput(x, x.new_zeros(x.shape[0]))
         if self.pre is not None:
-            x, ld = self.pre(x)
-            logdet = logdet + ld
+            out = out.then(self.pre.transform(out.z, settings))
         if self.squeeze is not None:
-            x, _ = self.squeeze(x)
+            out.z = self.squeeze(out.z)[0]
         if self.post is not None:
-            x, ld = self.post(x)
-            logdet = logdet + ld
+            out = out.then(self.post.transform(out.z, settings))
         if self.inner is not None:
-            k = self._keep(x.shape[1])
-            h, z_f = x[:, :k], x[:, k:]
+            k = self._keep(out.z.shape[1])
+            h, z_f = out.z[:, :k], out.z[:, k:]
+            logdet = out.logdet
             if self.prior is not None:
                 z_f, ld = self.prior(z_f, h)
                 logdet = logdet + ld
-            h, ld = self.inner(h)
-            logdet = logdet + ld
-            x = torch.cat([h, z_f], dim=1)
+            inner = self.inner.transform(h, settings)
+            out = FlowOutput(h, logdet, out.stats, out.regularizers).then(inner)
+            out.z = torch.cat([inner.z, z_f], dim=1)
         if self.squeeze is not None:
-            x = self.squeeze.inverse(x)
-        return x, logdet
+            out.z = self.squeeze.inverse(out.z)
+        return out
 
-    def inverse(self, z: Tensor) -> Tensor:
-        """``(B, C, H, W) -> (B, C, H, W)``."""
+    def forward(self, x: Tensor) -> tuple[Tensor, Tensor]:
+        out = self.transform(x)
+        return out.z, out.logdet
+
+    def inverse_transform(
+        self, z: Tensor, settings: FlowSettings = DEFAULT_SETTINGS
+    ) -> tuple[Tensor, SolveStats]:
+        """``(B, C, H, W) -> (B, C, H, W)`` and the statistics of every block's inverse."""
+        stats = SolveStats()
         if self.squeeze is not None:
             z, _ = self.squeeze(z)
         if self.inner is not None:
             k = self._keep(z.shape[1])
             h, z_f = z[:, :k], z[:, k:]
-            h = self.inner.inverse(h)
+            h, st = self.inner.inverse_transform(h, settings)
+            stats = stats + st
             if self.prior is not None:
                 z_f = self.prior.inverse(z_f, h)
             z = torch.cat([h, z_f], dim=1)
         if self.post is not None:
-            z = self.post.inverse(z)
+            z, st = self.post.inverse_transform(z, settings)
+            stats = stats + st
         if self.squeeze is not None:
             z = self.squeeze.inverse(z)
         if self.pre is not None:
-            z = self.pre.inverse(z)
-        return z
+            z, st = self.pre.inverse_transform(z, settings)
+            stats = stats + st
+        return z, stats
+
+    def inverse(self, z: Tensor) -> Tensor:
+        return self.inverse_transform(z)[0]
 
 
 # ------------------------------------------------------------------------- builders

@@ -1,30 +1,46 @@
-"""The one interface every model family shares (DESIGN.md §3).
+"""The one interface every model family implements (docs/architecture: "the family contract").
 
 Train, evaluate, the likelihood-vs-cost tool and the tables only ever call:
 
 * :meth:`GenerativeModel.training_loss` — a scalar loss on a batch with its
   statistics (NFE, regulariser values, ...);
 * :meth:`GenerativeModel.evaluate` — per-sample NLL and/or NELBO in nats with
-  statistics; a ``cost`` mapping changes the solver/steps for this call;
-* :meth:`GenerativeModel.sample` — samples with a cost knob, reporting NFE.
+  statistics, under a typed ``settings`` object (default: the model's own);
+* :meth:`GenerativeModel.sample` — samples under ``settings``, reporting NFE.
+
+Each family declares its evaluation and sampling knobs as one frozen
+dataclass, ``Settings`` (solver, divergence, sampler, steps, ...), and holds
+its defaults in ``self.settings``; :meth:`GenerativeModel.with_settings`
+turns flat command-line keys (``method=rk4``, ``steps=8``) into a new typed
+object through :func:`cnf.settings.update` — the one parser of cost keys.
 """
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Callable, Iterator, Mapping
+from contextlib import contextmanager
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, ClassVar
 
 import torch
 from torch import Tensor, nn
 
+from cnf.settings import update
+
+__all__ = ["EvalOutput", "GenerativeModel", "LossOutput", "SampleOutput"]
+
 
 @dataclass
 class LossOutput:
-    """A training loss and its statistics (plain floats, ready to log)."""
+    """A training loss and its statistics (plain floats, ready to log).
+
+    ``after_backward`` gives the statistics known only once ``loss.backward()``
+    has run (the adjoint's backward NFE); None when there are none.
+    """
 
     loss: Tensor
     stats: dict[str, float] = field(default_factory=dict)
+    after_backward: Callable[[], dict[str, float]] | None = None
 
 
 @dataclass
@@ -42,35 +58,73 @@ class EvalOutput:
     stats: dict[str, float] = field(default_factory=dict)
 
 
-class GenerativeModel(nn.Module):
-    """Base class of every family. ``event_shape`` is the shape of one sample."""
+@dataclass
+class SampleOutput:
+    """Samples ``(n, *event_shape)`` and the statistics of the sampler (``{"nfe": ...}``)."""
 
+    x: Tensor
+    stats: dict[str, float] = field(default_factory=dict)
+
+    def __iter__(self) -> Iterator[Any]:  # ``x, stats = model.sample(n)``
+        return iter((self.x, self.stats))
+
+
+class GenerativeModel(nn.Module):
+    """Base class of every family.
+
+    Attributes:
+        event_shape: Shape of one sample.
+        settings: The family's default evaluation/sampling settings (a frozen
+            dataclass of type ``Settings``).
+    """
+
+    Settings: ClassVar[type]
     event_shape: tuple[int, ...]
+    settings: Any
 
     def training_loss(self, x: Tensor) -> LossOutput:  # pragma: no cover - interface
         raise NotImplementedError
 
-    def backward_stats(self) -> dict[str, float]:
-        """Statistics known only after ``loss.backward()`` (e.g. adjoint NFE)."""
-        return {}
-
     def evaluate(
-        self, x: Tensor, *, cost: Mapping[str, Any] | None = None
+        self, x: Tensor, settings: Any = None
     ) -> EvalOutput:  # pragma: no cover - interface
         raise NotImplementedError
 
     def sample(
-        self,
-        n: int,
-        *,
-        cost: Mapping[str, Any] | None = None,
-        generator: torch.Generator | None = None,
-    ) -> tuple[Tensor, dict[str, float]]:  # pragma: no cover - interface
+        self, n: int, settings: Any = None, *, generator: torch.Generator | None = None
+    ) -> SampleOutput:  # pragma: no cover - interface
         raise NotImplementedError
 
+    def with_settings(self, changes: Mapping[str, Any] | None = None, **kwargs: Any) -> Any:
+        """This model's settings with flat or dotted keys changed (validated, typed)."""
+        return update(self.settings, changes, **kwargs)
+
     def default_cost_grid(self) -> list[dict[str, Any]]:
-        """Settings the likelihood-vs-cost tool sweeps by default."""
+        """Flat settings the likelihood-vs-cost tool sweeps by default."""
         return [{}]
+
+    def _resolve(self, settings: Any) -> Any:
+        if settings is None:
+            return self.settings
+        if isinstance(settings, Mapping):
+            return self.with_settings(settings)
+        if not isinstance(settings, self.Settings):
+            raise TypeError(
+                f"{type(self).__name__} takes {self.Settings.__name__} settings, "
+                f"got {type(settings).__name__}"
+            )
+        return settings
+
+    @contextmanager
+    def evaluating(self) -> Iterator[None]:
+        """Eval mode and no gradients for the duration, restoring the mode after."""
+        was_training = self.training
+        self.eval()
+        try:
+            with torch.no_grad():
+                yield
+        finally:
+            self.train(was_training)
 
     @property
     def device(self) -> torch.device:

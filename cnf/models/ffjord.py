@@ -1,7 +1,8 @@
-"""FFJORD (+ RNODE) as a :class:`~cnf.models.base.GenerativeModel`.
+"""FFJORD (+ RNODE) as a :class:`~cnf.models.base.GenerativeModel` (family ``ffjord``).
 
-A stack of CNF blocks (optionally with moving batch norm between them) and a
-standard-normal base: ``log p(x) = log N(z; 0, I) + logdet``. Training loss
+A stack of CNF blocks (optionally with moving batch norm between them) after
+the data preprocessing, and a standard-normal base:
+``log p(x) = log N(z; 0, I) + logdet`` (docs/methods.md §2). Training loss
 ``−mean log p(x) + λ_K·mean ∫‖f‖²dt + λ_J·mean ∫‖∂f/∂z‖_F²dt`` (RNODE).
 
 References:
@@ -11,176 +12,131 @@ References:
 
 from __future__ import annotations
 
-from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
 import torch
 from torch import Tensor
 
-from cnf.divergence import DivergenceEstimator, build_divergence
-from cnf.flows.base import Flow, SequentialFlow, standard_normal_logprob
+from cnf.divergence import DivergenceConfig
+from cnf.flows.base import (
+    DiagonalNormal,
+    Flow,
+    FlowSettings,
+    SequentialFlow,
+    flow_log_prob,
+    flow_sample,
+)
 from cnf.flows.cnf import CNF
 from cnf.flows.normalization import MovingBatchNorm
-from cnf.models.base import EvalOutput, GenerativeModel, LossOutput
+from cnf.flows.preprocess import Preprocess
+from cnf.models.base import EvalOutput, GenerativeModel, LossOutput, SampleOutput
 from cnf.nets import TimeMLP
+from cnf.schema import FFJORDSchema
 from cnf.solve import SolverConfig
 
-
-@dataclass
-class SolverSchema:
-    """Config form of :class:`cnf.solve.SolverConfig`."""
-
-    method: str = "dopri5"
-    rtol: float = 1e-5
-    atol: float = 1e-5
-    steps: int = 0
-    adjoint: bool = False
-    seminorm: bool = False
-    max_steps: int = 0
+__all__ = ["FFJORD", "ODESettings", "build_ffjord"]
 
 
-@dataclass
-class FFJORDSchema:
-    """``model:`` section for ``family: ffjord``."""
+@dataclass(frozen=True)
+class ODESettings:
+    """Evaluation and sampling settings of a CNF: its solver and its trace estimator.
 
-    family: str = "ffjord"
-    hidden_dims: list[int] = field(default_factory=lambda: [64, 64, 64])
-    layer: str = "concatsquash"
-    activation: str = "tanh"
-    zero_init: bool = True
-    num_blocks: int = 1
-    batch_norm: bool = False
-    time_length: float = 1.0
-    learn_time: bool = False
-    divergence: str = "exact"  # training estimator: exact | hutchinson
-    probe: str = "gaussian"  # gaussian | rademacher (Hutchinson only)
-    num_probes: int = 1
-    solver: SolverSchema = field(default_factory=lambda: SolverSchema(method="rk4", steps=8))
-    kinetic: float = 0.0  # RNODE weight of ∫‖f‖² dt
-    jacobian: float = 0.0  # RNODE weight of ∫‖∂f/∂z‖_F² dt
+    Shared by every family whose likelihood is one ODE solve (FFJORD, flow matching).
+    """
 
+    solver: SolverConfig = field(default_factory=SolverConfig)
+    divergence: DivergenceConfig = field(default_factory=lambda: DivergenceConfig("exact"))
 
-def solver_from(cfg: Mapping[str, Any]) -> SolverConfig:
-    return SolverConfig(**{k: cfg[k] for k in SolverConfig.__dataclass_fields__ if k in cfg})
+    def flow_settings(self, dim: int, *, generator: torch.Generator | None = None) -> FlowSettings:
+        return FlowSettings(solver=self.solver, divergence=self.divergence.build(dim, generator=generator))
 
 
 class FFJORD(GenerativeModel):
-    """Continuous normalizing flow with a standard-normal base (data at t = 0)."""
+    """Continuous normalizing flow with a standard-normal base (data at t = 0).
+
+    Args:
+        flow: CNF blocks (and batch norm) from the preprocessed data to the base.
+        event_shape: Shape of one sample.
+        preprocess: The data bijection applied first (default: identity).
+        settings: Default evaluation/sampling settings.
+        kinetic_weight, jacobian_weight: RNODE weights λ_K, λ_J.
+    """
+
+    Settings = ODESettings
 
     def __init__(
         self,
         flow: SequentialFlow,
         event_shape: tuple[int, ...],
         *,
+        preprocess: Preprocess | None = None,
+        settings: ODESettings | None = None,
         kinetic_weight: float = 0.0,
         jacobian_weight: float = 0.0,
     ):
         super().__init__()
         self.flow = flow
         self.event_shape = tuple(event_shape)
+        self.dim = int(torch.Size(self.event_shape).numel())
+        self.preprocess = preprocess or Preprocess()
+        self.settings = settings or ODESettings()
+        self.base = DiagonalNormal()
         self.kinetic_weight, self.jacobian_weight = kinetic_weight, jacobian_weight
 
     @property
+    def data_to_base(self) -> list[Flow]:
+        """The flows from data to base, in order."""
+        return [self.preprocess, self.flow]
+
+    @property
     def cnfs(self) -> list[CNF]:
-        return [m for m in self.flow.flows if isinstance(m, CNF)]
-
-    def _nfe(self, attr: str) -> int:
-        return sum(getattr(c.last_stats, attr) for c in self.cnfs if c.last_stats is not None)
-
-    def log_prob(self, x: Tensor) -> Tensor:
-        """``log p(x)`` per sample in nats, shape ``(B,)``."""
-        z, logdet = self.flow(x)
-        return standard_normal_logprob(z) + logdet
+        return [m for m in self.flow.modules() if isinstance(m, CNF)]
 
     def training_loss(self, x: Tensor) -> LossOutput:
-        nll = -self.log_prob(x).mean()
+        regularize = self.kinetic_weight > 0 or self.jacobian_weight > 0
+        settings = FlowSettings(regularize=regularize)
+        logp, out = flow_log_prob(self.data_to_base, self.base, x, settings)
+        nll = -logp.mean()
         loss = nll
         stats = {"nll": float(nll.detach())}
-        regs = self.flow.regularization()
         for name, weight in (("kinetic", self.kinetic_weight), ("jacobian", self.jacobian_weight)):
-            if name in regs:
-                value = regs[name].mean()
+            if name in out.regularizers:
+                value = out.regularizers[name].mean()
                 loss = loss + weight * value
                 stats[name] = float(value.detach())
-        stats["nfe_forward"] = self._nfe("nfe_forward")
-        if any(c.log_T.requires_grad for c in self.cnfs):
+        stats["nfe_forward"] = out.stats.nfe_forward
+        if any(c.log_T is not None for c in self.cnfs):
             stats["T"] = float(sum(c.T for c in self.cnfs))
-        return LossOutput(loss, stats)
+        solve = out.stats
+        return LossOutput(loss, stats, lambda: {"nfe_backward": solve.nfe_backward})
 
-    def backward_stats(self) -> dict[str, float]:
-        return {"nfe_backward": self._nfe("nfe_backward")}
+    def evaluate(self, x: Tensor, settings: ODESettings | None = None) -> EvalOutput:
+        s = self._resolve(settings)
+        with self.evaluating():
+            logp, out = flow_log_prob(self.data_to_base, self.base, x, s.flow_settings(self.dim))
+        return EvalOutput(nll=-logp, stats={"nfe": out.stats.nfe_forward})
 
-    def _override(
-        self, cost: Mapping[str, Any] | None
-    ) -> tuple[SolverConfig | None, DivergenceEstimator | None]:
-        if not cost:
-            return None, None
-        cost = dict(cost)
-        div = None
-        if "divergence" in cost:
-            div = build_divergence(
-                cost.pop("divergence"),
-                probe=cost.pop("probe", "rademacher"),
-                num_probes=cost.pop("num_probes", 1),
-                generator=cost.pop("generator", None),
-            )
-        solver = self.cnfs[0].eval_solver
-        if cost:
-            if "steps" in cost and "method" not in cost and not solver.fixed_step:
-                raise ValueError("cost 'steps' needs a fixed-step 'method' (e.g. rk4, euler)")
-            solver = solver.with_(**cost)
-        return solver, div
-
-    def _using(self, cost: Mapping[str, Any] | None):
-        import contextlib
-
-        solver, div = self._override(cost)
-        stack = contextlib.ExitStack()
-        for c in self.cnfs:
-            stack.enter_context(c.using(solver=solver, divergence=div))
-        return stack
-
-    @torch.no_grad()
-    def evaluate(self, x: Tensor, *, cost: Mapping[str, Any] | None = None) -> EvalOutput:
-        was_training = self.training
-        self.eval()
-        try:
-            with self._using(cost):
-                nll = -self.log_prob(x)
-                stats = {"nfe": self._nfe("nfe_forward")}
-        finally:
-            self.train(was_training)
-        return EvalOutput(nll=nll, stats=stats)
-
-    @torch.no_grad()
     def sample(
         self,
         n: int,
+        settings: ODESettings | None = None,
         *,
-        cost: Mapping[str, Any] | None = None,
         generator: torch.Generator | None = None,
-    ) -> tuple[Tensor, dict[str, float]]:
-        was_training = self.training
-        self.eval()
-        try:
-            with self._using(cost):
-                z = torch.randn(
-                    (n, *self.event_shape),
-                    generator=generator,
-                    dtype=self.dtype,
-                    device=self.device,
-                )
-                x = self.flow.inverse(z)
-                stats = {"nfe": self._nfe("nfe_forward")}
-        finally:
-            self.train(was_training)
-        return x, stats
-
-    @torch.no_grad()
-    def trajectory(self, x: Tensor, times: Tensor) -> Tensor:
-        """Trajectory of the first CNF block at ``times`` (single-block models)."""
-        return self.cnfs[0].trajectory(x, times)
+    ) -> SampleOutput:
+        s = self._resolve(settings)
+        with self.evaluating():
+            x, stats = flow_sample(
+                self.data_to_base,
+                self.base,
+                n,
+                self.event_shape,
+                settings=FlowSettings(solver=s.solver),
+                generator=generator,
+                dtype=self.dtype,
+                device=self.device,
+            )
+        return SampleOutput(x, {"nfe": stats.nfe_forward})
 
     def default_cost_grid(self) -> list[dict[str, Any]]:
         grid: list[dict[str, Any]] = [
@@ -191,49 +147,43 @@ class FFJORD(GenerativeModel):
 
 
 def build_ffjord(
-    cfg: Mapping[str, Any],
-    event_shape: tuple[int, ...],
-    *,
-    eval_solver: SolverConfig,
-    eval_divergence: DivergenceEstimator,
+    cfg: FFJORDSchema, event_shape: tuple[int, ...], settings: ODESettings
 ) -> FFJORD:
-    """Build an FFJORD model for vectors of shape ``(D,)`` from its config section."""
+    """Build an FFJORD model for vectors of shape ``(D,)`` from its typed config section."""
     if len(event_shape) != 1:
         raise ValueError(f"ffjord models vectors; got event shape {event_shape}")
     dim = event_shape[0]
-    solver = solver_from(cfg["solver"])
-    divergence = build_divergence(
-        cfg["divergence"], probe=cfg["probe"], num_probes=cfg["num_probes"]
-    )
+    solver = cfg.solver.build()
+    divergence = cfg.divergence.build().build(dim)
     blocks: list[Flow] = []
-    for i in range(cfg["num_blocks"]):
-        if cfg["batch_norm"] and i == 0:
+    for i in range(cfg.num_blocks):
+        if cfg.batch_norm and i == 0:
             blocks.append(MovingBatchNorm(dim))
-        field = TimeMLP(
+        field_ = TimeMLP(
             dim,
-            tuple(cfg["hidden_dims"]),
-            layer=cfg["layer"],
-            activation=cfg["activation"],
-            zero_init=cfg["zero_init"],
+            tuple(cfg.hidden_dims),
+            layer=cfg.layer,
+            activation=cfg.activation,
+            zero_init=cfg.zero_init,
         )
         blocks.append(
             CNF(
-                field,
-                time_length=cfg["time_length"],
-                learn_time=cfg["learn_time"],
+                field_,
+                t1=cfg.time_length,
+                learn_time=cfg.learn_time,
                 solver=solver,
-                eval_solver=eval_solver,
                 divergence=divergence,
-                eval_divergence=eval_divergence,
-                kinetic=cfg["kinetic"] > 0,
-                jacobian=cfg["jacobian"] > 0,
+                kinetic=cfg.kinetic > 0,
+                jacobian=cfg.jacobian > 0,
             )
         )
-        if cfg["batch_norm"]:
+        if cfg.batch_norm:
             blocks.append(MovingBatchNorm(dim))
     return FFJORD(
         SequentialFlow(blocks),
         event_shape,
-        kinetic_weight=cfg["kinetic"],
-        jacobian_weight=cfg["jacobian"],
+        preprocess=cfg.preprocess.build(),
+        settings=settings,
+        kinetic_weight=cfg.kinetic,
+        jacobian_weight=cfg.jacobian,
     )

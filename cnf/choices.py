@@ -1,0 +1,71 @@
+"""The index of every named choice: one registry per kind, validated by the config schemas.
+
+A config value such as ``model.sde.name: vp`` or ``train.optimizer: adam`` is
+checked against the registry named here (:mod:`cnf.schema` looks them up
+lazily), so configs never carry their own lists of valid names. Each
+registry lives in the module that implements the choice; this module only
+gathers them.
+"""
+
+from __future__ import annotations
+
+import cnf.diffusion.unet  # noqa: F401 - registers the "unet" score network
+from cnf.data import DATASETS
+from cnf.diffflow.chain import BACKPROP_MODES, DIFFFLOW_SAMPLERS
+from cnf.diffflow.schedules import BASE_DRIFTS, DIFFUSIONS, GRIDS
+from cnf.diffusion.flow_matching import OT_SOLVERS, PAIRINGS
+from cnf.diffusion.likelihood import CORRECTIONS
+from cnf.diffusion.nets import CONDITIONINGS, PARAMETERIZATIONS, SCORE_NETS, TIME_EMBEDDINGS
+from cnf.diffusion.samplers import SCORE_SAMPLERS, SDE_METHODS
+from cnf.diffusion.score import WEIGHTINGS
+from cnf.diffusion.sde import SDES
+from cnf.divergence import DIVERGENCES, PROBES
+from cnf.flows.registry import FLOWS
+from cnf.models import MODELS
+from cnf.models.diffflow import DIFFFLOW_NETS
+from cnf.nets import ACTIVATIONS, LAYERS
+from cnf.registry import Registry
+from cnf.solve import METHODS
+from cnf.train.tracking import WANDB_MODES
+
+OPTIMIZERS: Registry[str] = Registry("optimizer", {"adam": "torch.optim.Adam", "adamw": "torch.optim.AdamW"})
+SCHEDULES: Registry[str] = Registry(
+    "learning-rate schedule", {"constant": "after warm-up", "cosine": "cosine decay to 0"}
+)
+DEVICES: Registry[str] = Registry(
+    "device", {"auto": "cuda when available", "cpu": "cpu", "cuda": "cuda[:N]", "mps": "Apple GPU"}
+)
+DTYPES: Registry[str] = Registry("dtype", {"float32": "float32", "float64": "float64"})
+
+__all__ = [
+    "ACTIVATIONS",
+    "BACKPROP_MODES",
+    "BASE_DRIFTS",
+    "CONDITIONINGS",
+    "CORRECTIONS",
+    "DATASETS",
+    "DEVICES",
+    "DIFFFLOW_NETS",
+    "DIFFFLOW_SAMPLERS",
+    "DIFFUSIONS",
+    "DIVERGENCES",
+    "DTYPES",
+    "FLOWS",
+    "GRIDS",
+    "LAYERS",
+    "METHODS",
+    "MODELS",
+    "OPTIMIZERS",
+    "OT_SOLVERS",
+    "PAIRINGS",
+    "PARAMETERIZATIONS",
+    "PROBES",
+    "SCHEDULES",
+    "SCORE_NETS",
+    "SCORE_SAMPLERS",
+    "SDES",
+    "SDE_METHODS",
+    "TIME_EMBEDDINGS",
+    "WANDB_MODES",
+    "WEIGHTINGS",
+]

@@ -1,0 +1,547 @@
+"""Every configuration schema of the project, in one place.
+
+Run configs (``configs/<family>/*.yaml``), sweep files (``configs/sweeps``)
+and table specs (``configs/tables``) are OmegaConf *structured* configs of
+the dataclasses below: unknown keys and wrong types are errors before
+anything runs, and builders receive typed objects
+(``OmegaConf.to_object``), never string-keyed dicts.
+
+**Named choices** follow one convention: a nested section ``{name: ...,
+options...}`` whose ``name`` is looked up in the choice's registry. Choices
+whose options are the same for every name have one schema here
+(:class:`SolverSchema`, :class:`DivergenceSchema`, ...). Choices whose
+options differ per name (flows, networks, SDEs, DiffFlow's ``g(t)``) are
+marked with ``choice(...)``: their schema is derived from the keyword
+arguments of the registered builder, so the builder's signature is the one
+place its options are declared (:func:`options_schema`). Changing a choice's
+``name`` from the command line starts its section afresh from the new
+choice's defaults.
+
+Validation: every dataclass checks itself in ``__post_init__`` and raises
+``ValueError("field: message")``; :mod:`cnf.config` prefixes the dotted path.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+import inspect
+import typing
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+__all__ = [
+    "CHOICES",
+    "Config",
+    "DataSchema",
+    "DivergenceSchema",
+    "EvalSchema",
+    "MODEL_SCHEMAS",
+    "PreprocessSchema",
+    "SolverSchema",
+    "TrackSchema",
+    "TrainSchema",
+    "choice",
+    "options_schema",
+]
+
+
+def _positive(**values: float) -> None:
+    for key, value in values.items():
+        if value <= 0:
+            raise ValueError(f"{key}: must be > 0, got {value}")
+
+
+def _non_negative(**values: float) -> None:
+    for key, value in values.items():
+        if value < 0:
+            raise ValueError(f"{key}: must be >= 0, got {value}")
+
+
+def _widths(key: str, widths: Sequence[int]) -> None:
+    if not widths or any(h < 1 for h in widths):
+        raise ValueError(f"{key}: needs one or more positive widths, got {list(widths)}")
+
+
+def _registry(name: str) -> Any:
+    """The registry of a named choice (imported lazily: the schemas load without torch models)."""
+    from cnf import choices
+
+    return getattr(choices, name)
+
+
+def _check(registry: str, key: str, value: str) -> None:
+    _registry(registry).check(value, key=key)
+
+
+# ----------------------------------------------------------------- named choices
+def choice(registry: str, default: str, **options: Any) -> Any:
+    """A ``{name: ..., options}`` field whose schema follows its ``name`` (see module docstring).
+
+    Args:
+        registry: Attribute of :mod:`cnf.choices` holding the builders.
+        default: The default name.
+        options: Default options that differ from the builder's defaults.
+    """
+    value = {"name": default, **options}
+    return field(default_factory=lambda: dict(value), metadata={"choice": registry})
+
+
+CHOICES = "choice"  # the dataclass-field metadata key marking a named-choice field
+
+
+def _config_type(hint: Any) -> Any:
+    """A type OmegaConf accepts for a builder's annotated option."""
+    origin = typing.get_origin(hint)
+    if origin in (typing.Union, getattr(__import__("types"), "UnionType", None)):
+        args = [a for a in typing.get_args(hint) if a is not type(None)]
+        return typing.Optional[_config_type(args[0])] if len(args) == 1 else Any  # noqa: UP045
+    if origin in (list, tuple, Sequence, typing.Sequence) or hint in (list, tuple):
+        args = typing.get_args(hint)
+        item = args[0] if args and args[0] is not Ellipsis else Any
+        return list[item] if item in (int, float, str, bool) else list[Any]
+    if hint in (int, float, str, bool) or dataclasses.is_dataclass(hint):
+        return hint
+    return Any
+
+
+@functools.cache
+def options_schema(owner: str, name: str, builder: Callable[..., Any]) -> type:
+    """A structured-config dataclass ``{name, **keyword options of builder}``.
+
+    Positional parameters (shapes, grids) are supplied by the code and are
+    not options; keyword-only parameters are. Each option keeps the
+    builder's annotation and default.
+    """
+    builder = inspect.unwrap(builder)  # a wrapper declares its wrapped builder's options
+    target = builder.__init__ if inspect.isclass(builder) else builder
+    hints = typing.get_type_hints(target)
+    fields: list[tuple[str, Any, Any]] = [("name", str, field(default=name))]
+    for p in inspect.signature(target).parameters.values():
+        if p.kind is not inspect.Parameter.KEYWORD_ONLY:
+            continue
+        if p.default is inspect.Parameter.empty:
+            raise TypeError(f"{owner} '{name}': option '{p.name}' needs a default to be configurable")
+        typ = _config_type(hints.get(p.name, Any))
+        default = p.default
+        if dataclasses.is_dataclass(typ) and default is None:
+            fields.append((p.name, typ, field(default_factory=typ)))
+        elif isinstance(default, list | tuple | dict) or dataclasses.is_dataclass(default):
+            fields.append((p.name, typ, field(default_factory=lambda d=default: _copy(d))))
+        else:
+            fields.append((p.name, typ, field(default=default)))
+    cls_name = "".join(w.capitalize() for w in f"{owner}_{name}".split("_")) + "Options"
+    return dataclasses.make_dataclass(cls_name, fields)
+
+
+def _copy(value: Any) -> Any:
+    if isinstance(value, tuple | list):
+        return list(value)
+    if dataclasses.is_dataclass(value):
+        return dataclasses.replace(value)
+    return dict(value)
+
+
+def builder_options(section: Any) -> dict[str, Any]:
+    """The keyword options of a resolved choice section (everything but ``name``)."""
+    return {f.name: getattr(section, f.name) for f in dataclasses.fields(section) if f.name != "name"}
+
+
+# --------------------------------------------------------------- shared sections
+@dataclass
+class SolverSchema:
+    """ODE solver: ``{name: <torchdiffeq method>, rtol, atol | steps, adjoint, ...}``."""
+
+    name: str = "dopri5"
+    rtol: float = 1e-5
+    atol: float = 1e-5
+    steps: int = 0  # fixed-step methods: steps over the interval
+    adjoint: bool = False
+    seminorm: bool = False
+    max_steps: int = 0  # adaptive methods: cap on the steps (0: torchdiffeq's)
+
+    def __post_init__(self) -> None:
+        _check("METHODS", "name", self.name)
+        _non_negative(steps=self.steps, max_steps=self.max_steps)
+
+    def build(self) -> Any:
+        from cnf.solve import SolverConfig
+
+        return SolverConfig(**dataclasses.asdict(self))
+
+
+@dataclass
+class DivergenceSchema:
+    """Trace estimator: ``{name: exact | hutchinson | auto, probe, num_probes, exact_max_dim}``."""
+
+    name: str = "exact"
+    probe: str = "gaussian"
+    num_probes: int = 1
+    exact_max_dim: int = 16  # auto: exact trace up to this dimension
+
+    def __post_init__(self) -> None:
+        if self.name != "auto":
+            _check("DIVERGENCES", "name", self.name)
+        _check("PROBES", "probe", self.probe)
+        _positive(num_probes=self.num_probes)
+        _non_negative(exact_max_dim=self.exact_max_dim)
+
+    def build(self) -> Any:
+        from cnf.divergence import DivergenceConfig
+
+        return DivergenceConfig(**dataclasses.asdict(self))
+
+
+@dataclass
+class PreprocessSchema:
+    """The data bijection ``y = scale · logit_α(x) + shift`` every family applies first."""
+
+    logit_alpha: float = 0.0  # > 0: logit(α + (1 − 2α) x) first, for data in [0, 1]
+    scale: float = 1.0
+    shift: float = 0.0
+
+    def __post_init__(self) -> None:
+        if not 0 <= self.logit_alpha < 0.5:
+            raise ValueError(f"logit_alpha: must be in [0, 0.5) (0 = off), got {self.logit_alpha}")
+        if self.scale == 0:
+            raise ValueError("scale: must be non-zero")
+
+    def build(self) -> Any:
+        from cnf.flows.preprocess import Preprocess
+
+        return Preprocess(logit_alpha=self.logit_alpha, scale=self.scale, shift=self.shift)
+
+
+@dataclass
+class EvalLogDetSchema:
+    """Residual flows at evaluation: ``auto`` = exact up to ``exact_max_dim``, else a series."""
+
+    name: str = "auto"  # auto | exact | series | own (the training estimator)
+    exact_max_dim: int = 16
+    series_terms: int = 50
+
+    def __post_init__(self) -> None:
+        if self.name not in ("auto", "exact", "series", "own"):
+            raise ValueError(f"name: unknown value '{self.name}'; valid: auto, exact, own, series")
+        _non_negative(exact_max_dim=self.exact_max_dim)
+        _positive(series_terms=self.series_terms)
+
+
+# -------------------------------------------------------------------- families
+@dataclass
+class FFJORDSchema:
+    """``model:`` for ``family: ffjord`` (FFJORD, + RNODE with kinetic/jacobian > 0)."""
+
+    family: str = "ffjord"
+    hidden_dims: list[int] = field(default_factory=lambda: [64, 64, 64])
+    layer: str = "concatsquash"
+    activation: str = "tanh"
+    zero_init: bool = True
+    num_blocks: int = 1
+    batch_norm: bool = False
+    time_length: float = 1.0
+    learn_time: bool = False
+    divergence: DivergenceSchema = field(default_factory=DivergenceSchema)  # training estimator
+    solver: SolverSchema = field(default_factory=lambda: SolverSchema(name="rk4", steps=8))
+    kinetic: float = 0.0  # RNODE weight of ∫‖f‖² dt
+    jacobian: float = 0.0  # RNODE weight of ∫‖∂f/∂z‖_F² dt
+    preprocess: PreprocessSchema = field(default_factory=PreprocessSchema)
+
+    def __post_init__(self) -> None:
+        _check("LAYERS", "layer", self.layer)
+        _check("ACTIVATIONS", "activation", self.activation)
+        _widths("hidden_dims", self.hidden_dims)
+        if self.divergence.name == "auto":
+            raise ValueError("divergence.name: training needs exact or hutchinson")
+        _positive(num_blocks=self.num_blocks, time_length=self.time_length)
+        _non_negative(kinetic=self.kinetic, jacobian=self.jacobian)
+
+
+@dataclass
+class PairingSchema:
+    """Flow-matching coupling: ``rectified`` (independent) or ``ot`` (minibatch OT)."""
+
+    name: str = "rectified"
+    ot_solver: str = "emd"  # ot: emd (POT network simplex) | assignment (scipy)
+
+    def __post_init__(self) -> None:
+        _check("PAIRINGS", "name", self.name)
+        _check("OT_SOLVERS", "ot_solver", self.ot_solver)
+
+
+@dataclass
+class FlowMatchingSchema:
+    """``model:`` for ``family: fm`` (rectified flow, OT-CFM, reflow)."""
+
+    family: str = "fm"
+    pairing: PairingSchema = field(default_factory=PairingSchema)
+    sigma: float = 0.0  # path noise σ: x_t = (1−t)x0 + t x1 + σ ε
+    hidden_dims: list[int] = field(default_factory=lambda: [64, 64, 64])
+    layer: str = "concat"
+    activation: str = "selu"
+    zero_init: bool = False
+    preprocess: PreprocessSchema = field(default_factory=PreprocessSchema)
+    reflow_pairs: str | None = None  # train on (x0, x1) pairs from experiments/reflow.py
+    init_from: str | None = None  # run folder or checkpoint whose weights start training
+
+    def __post_init__(self) -> None:
+        _check("LAYERS", "layer", self.layer)
+        _check("ACTIVATIONS", "activation", self.activation)
+        _widths("hidden_dims", self.hidden_dims)
+        _non_negative(sigma=self.sigma)
+        from pathlib import Path
+
+        for key in ("reflow_pairs", "init_from"):
+            value = getattr(self, key)
+            if value and not Path(value).exists():
+                raise ValueError(f"{key}: {value} does not exist")
+
+
+@dataclass
+class SamplerSchema:
+    """Default sampler of a score model: ``{name: ode | em | pc | sdeint, steps, ...}``."""
+
+    name: str = "ode"
+    steps: int = 500  # em / pc / sdeint steps
+    snr: float = 0.16  # pc: Langevin signal-to-noise ratio
+    corrector_steps: int = 1  # pc: Langevin steps per time step
+    sde_method: str = "euler"  # sdeint: torchsde method
+
+    def __post_init__(self) -> None:
+        _check("SCORE_SAMPLERS", "name", self.name)
+        _check("SDE_METHODS", "sde_method", self.sde_method)
+        _positive(steps=self.steps, snr=self.snr)
+        _non_negative(corrector_steps=self.corrector_steps)
+
+
+@dataclass
+class ScoreSchema:
+    """``model:`` for ``family: score`` (VP / sub-VP / VE score SDEs)."""
+
+    family: str = "score"
+    sde: Any = choice("SDES", "vp")
+    weighting: str = "likelihood_is"  # variance | likelihood | likelihood_is
+    parameterization: str = "noise"  # score | noise | data
+    conditioning: str = "log_sigma"  # the network's noise-level input: log_sigma | time
+    net: Any = choice("SCORE_NETS", "mlp")
+    preprocess: PreprocessSchema = field(default_factory=PreprocessSchema)
+    nll_correction: str = "truncate"  # [0, ε]: truncate | perturb
+    nelbo_samples: int = 8  # time samples per test point of the NELBO; 0 = no NELBO
+    nelbo_importance: bool = True  # NELBO with t ~ g²/σ² (else uniform)
+    sampler: SamplerSchema = field(default_factory=SamplerSchema)
+
+    def __post_init__(self) -> None:
+        _check("WEIGHTINGS", "weighting", self.weighting)
+        _check("PARAMETERIZATIONS", "parameterization", self.parameterization)
+        _check("CONDITIONINGS", "conditioning", self.conditioning)
+        _check("CORRECTIONS", "nll_correction", self.nll_correction)
+        _non_negative(nelbo_samples=self.nelbo_samples)
+
+
+@dataclass
+class INDMSchema(ScoreSchema):
+    """``model:`` for ``family: indm``: the score model's keys plus the flow's."""
+
+    family: str = "indm"
+    flow: Any = choice("FLOWS", "resflow")
+    flow_lr_scale: float = 1.0  # flow learning rate = flow_lr_scale × train.lr
+    temperature: float = 1.0  # sampling: z_1 ~ N(0, (τ·prior_std)² I)
+    eval_logdet: EvalLogDetSchema = field(default_factory=EvalLogDetSchema)
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        if self.weighting not in ("likelihood", "likelihood_is"):
+            raise ValueError(
+                f"weighting: INDM trains on the NELBO, so it needs likelihood or "
+                f"likelihood_is, got '{self.weighting}'"
+            )
+        _positive(flow_lr_scale=self.flow_lr_scale, temperature=self.temperature)
+
+
+@dataclass
+class TimeGridSchema:
+    """DiffFlow's time grids: see :class:`cnf.diffflow.schedules.TimeGrid`."""
+
+    name: str = "power"  # uniform | power
+    t_start: float = 1e-3
+    t_end: float = 0.05
+    power: float = 0.9
+    random: bool = True  # stratified random grid per training iteration (eval: fixed grid)
+
+    def __post_init__(self) -> None:
+        _check("GRIDS", "name", self.name)
+
+
+@dataclass
+class DiffFlowSchema:
+    """``model:`` for ``family: diffflow``.
+
+    ``progressive_steps``/``progressive_iters``: train with
+    ``progressive_steps[k]`` steps up to iteration ``progressive_iters[k]``,
+    then with ``steps`` (also the evaluation/sampling default).
+    ``drift_lr``/``score_lr``: per-network learning rates (null: ``train.lr``).
+    """
+
+    family: str = "diffflow"
+    steps: int = 30
+    progressive_steps: list[int] = field(default_factory=list)
+    progressive_iters: list[int] = field(default_factory=list)
+    grid: TimeGridSchema = field(default_factory=TimeGridSchema)
+    diffusion: Any = choice("DIFFUSIONS", "constant")
+    base_drift: str = "zero"  # zero | vp (f = −½ g(t)² x)
+    freeze_drift: bool = False  # no learned drift: fixed-drift diffusion with f = f_base
+    prior_std: float = 1.0
+    preprocess: PreprocessSchema = field(default_factory=PreprocessSchema)
+    normalizing_terms: bool = True  # D·Σ log(g_{i+1}/g_i); false = the released code's value
+    backprop: str = "autograd"  # autograd | checkpointed
+    sampler: str = "sde"  # default sampler: sde | ode
+    drift_net: Any = choice("DIFFFLOW_NETS", "mlp")
+    score_net: Any = choice("DIFFFLOW_NETS", "mlp")
+    drift_lr: float | None = None
+    score_lr: float | None = None
+
+    def __post_init__(self) -> None:
+        _check("BASE_DRIFTS", "base_drift", self.base_drift)
+        _check("BACKPROP_MODES", "backprop", self.backprop)
+        _check("DIFFFLOW_SAMPLERS", "sampler", self.sampler)
+        _positive(steps=self.steps, prior_std=self.prior_std)
+        steps, iters = list(self.progressive_steps), list(self.progressive_iters)
+        if len(steps) != len(iters):
+            raise ValueError("progressive_steps: needs the same length as progressive_iters")
+        if any(s < 1 for s in steps) or any(b <= a for a, b in zip(iters, iters[1:])):
+            raise ValueError(
+                "progressive_iters: must increase, and progressive_steps must be >= 1"
+            )
+        for key in ("drift_lr", "score_lr"):
+            value = getattr(self, key)
+            if value is not None and value <= 0:
+                raise ValueError(f"{key}: must be > 0 (or null for train.lr), got {value}")
+
+
+@dataclass
+class FlowSchema:
+    """``model:`` for ``family: flow`` (NICE, RealNVP, Glow, residual flows)."""
+
+    family: str = "flow"
+    flow: Any = choice("FLOWS", "realnvp")
+    preprocess: PreprocessSchema = field(default_factory=PreprocessSchema)
+    temperature: float = 1.0  # sampling: z ~ N(0, τ² I)
+    eval_logdet: EvalLogDetSchema = field(default_factory=EvalLogDetSchema)
+
+    def __post_init__(self) -> None:
+        _positive(temperature=self.temperature)
+
+
+MODEL_SCHEMAS: dict[str, type] = {
+    "ffjord": FFJORDSchema,
+    "fm": FlowMatchingSchema,
+    "score": ScoreSchema,
+    "diffflow": DiffFlowSchema,
+    "flow": FlowSchema,
+    "indm": INDMSchema,
+}
+
+
+# -------------------------------------------------------------------- run config
+@dataclass
+class DataSchema:
+    name: str = "8gaussians"
+    path: str | None = None  # file: a .npy/.csv of samples (N, D); images/tabular: the data folder
+    test_size: int = 5000  # toy data: held-out samples (fixed across seeds)
+    val_size: int = 1000
+    flatten: bool = True  # image data: event shape (C*H*W,) for MLPs; false keeps (C, H, W)
+
+    def __post_init__(self) -> None:
+        _check("DATASETS", "name", self.name)
+        _positive(test_size=self.test_size, val_size=self.val_size)
+
+
+@dataclass
+class TrainSchema:
+    iters: int = 2000
+    batch_size: int = 128
+    lr: float = 1e-3
+    optimizer: str = "adam"  # adam | adamw
+    weight_decay: float = 0.0
+    schedule: str = "constant"  # constant | cosine
+    warmup_iters: int = 0
+    grad_clip: float = 0.0  # max gradient norm; 0 = off
+    ema: float = 0.0  # EMA decay of the evaluated weights; 0 = off
+    log_every: int = 10
+    ckpt_every: int = 500  # iterations between checkpoints
+    ckpt_minutes: float = 10.0  # also checkpoint on this wall-clock timer; 0 = off
+    val_every: int = 0  # validation NLL every N iterations; 0 = off
+
+    def __post_init__(self) -> None:
+        _check("OPTIMIZERS", "optimizer", self.optimizer)
+        _check("SCHEDULES", "schedule", self.schedule)
+        _positive(
+            batch_size=self.batch_size,
+            lr=self.lr,
+            log_every=self.log_every,
+            ckpt_every=self.ckpt_every,
+        )
+        _non_negative(
+            iters=self.iters,
+            grad_clip=self.grad_clip,
+            ckpt_minutes=self.ckpt_minutes,
+            warmup_iters=self.warmup_iters,
+            val_every=self.val_every,
+        )
+        if not 0 <= self.ema < 1:
+            raise ValueError(f"ema: must be in [0, 1), got {self.ema}")
+
+
+@dataclass
+class EvalSchema:
+    """Evaluation settings (the only keys ``experiments/evaluate.py`` may change)."""
+
+    solver: SolverSchema = field(default_factory=SolverSchema)  # dopri5, 1e-5
+    divergence: DivergenceSchema = field(
+        default_factory=lambda: DivergenceSchema(name="auto", probe="rademacher")
+    )
+    batch_size: int = 5000
+    num_samples: int = 5000  # samples drawn for plots and sample statistics
+    seed: int = 1234  # probes and base noise at evaluation: common across runs and settings
+    plots: bool = True
+
+    def __post_init__(self) -> None:
+        _positive(batch_size=self.batch_size)
+        _non_negative(num_samples=self.num_samples)
+
+
+@dataclass
+class RunSchema:
+    dir: str | None = None  # default: runs/<family>_<data.name>_s<seed>
+
+
+@dataclass
+class TrackSchema:
+    wandb: str = "offline"  # offline | online | disabled
+    project: str = "cnf"
+    entity: str | None = None
+    group: str | None = None
+    name: str | None = None
+    tags: list[str] = field(default_factory=list)
+    system_metrics: bool = True  # W&B's CPU/GPU/memory sampler (a separate process)
+
+    def __post_init__(self) -> None:
+        _check("WANDB_MODES", "wandb", self.wandb)
+
+
+@dataclass
+class Config:
+    seed: int = 0
+    device: str = "auto"  # auto | cpu | cuda | cuda:N
+    dtype: str = "float32"  # float32 | float64
+    data: DataSchema = field(default_factory=DataSchema)
+    model: Any = None
+    train: TrainSchema = field(default_factory=TrainSchema)
+    eval: EvalSchema = field(default_factory=EvalSchema)
+    run: RunSchema = field(default_factory=RunSchema)
+    track: TrackSchema = field(default_factory=TrackSchema)
+
+    def __post_init__(self) -> None:
+        _check("DEVICES", "device", self.device.split(":")[0])
+        _check("DTYPES", "dtype", self.dtype)
