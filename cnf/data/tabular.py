@@ -71,6 +71,7 @@ import hashlib
 import importlib
 import json
 import os
+import pickle
 import shutil
 import warnings
 from collections.abc import Callable
@@ -272,7 +273,7 @@ def _read_gas(path: Path, pd: ModuleType) -> Any:
     else:
         try:
             frame = pd.read_pickle(path)
-        except (EOFError, ValueError) as e:
+        except (EOFError, ValueError, pickle.UnpicklingError) as e:
             raise DataError(
                 f"cannot read {path} (truncated or not a pickle?): {_first_line(e)}"
             ) from None
@@ -295,11 +296,19 @@ def _read_gas(path: Path, pd: ModuleType) -> Any:
 
 
 def _check_frame(frame: Any, path: Path, pd: ModuleType) -> None:
-    """The columns that are used: numeric, non-empty and finite."""
+    """The rows and columns that are used: numeric, non-empty and finite."""
     for col, dtype in frame.dtypes.items():
         if not pd.api.types.is_numeric_dtype(dtype):
             raise DataError(f"{path}: column '{col}' holds non-numeric values ({dtype})")
-    _check_matrix(frame.to_numpy(), path, columns=frame.shape[1])
+    if len(frame) == 0:
+        raise DataError(f"{path} is empty (shape {frame.shape})")
+    bad = ~np.isfinite(frame.to_numpy(dtype=np.float64)).all(axis=1)
+    if bad.any():
+        # The frame's index is the row's position in the file (0 = first data row).
+        raise DataError(
+            f"{path} has {int(bad.sum())} used rows with NaN or Inf "
+            f"(first: data row {frame.index[int(np.argmax(bad))]})"
+        )
 
 
 def _prepare_gas(paths: tuple[Path, ...]) -> _Prepared:
@@ -356,10 +365,10 @@ def _prepare_hepmass(paths: tuple[Path, ...]) -> _Prepared:
     _check_frame(train, train_path, pd)
     _check_frame(test, test_path, pd)
     if list(test.columns) != list(train.columns):
+        j = next(j for j, (a, b) in enumerate(zip(test.columns, train.columns)) if a != b)
         raise DataError(
-            f"{test_path}: columns after the extra last one is dropped differ from "
-            f"{train_path.name}'s ({', '.join(map(str, test.columns[:3]))}, ... vs "
-            f"{', '.join(map(str, train.columns[:3]))}, ...)"
+            f"{test_path}: column '{test.columns[j]}' where {train_path.name} has "
+            f"'{train.columns[j]}'; expected the training file's columns plus one extra last column"
         )
     names = tuple(str(c) for c in train.columns)
     mu, sigma = train.mean(), train.std()  # pandas: ddof 1
@@ -408,7 +417,9 @@ def _prepare_bsds300(paths: tuple[Path, ...]) -> _Prepared:
             try:
                 x = node[()]
             except Exception as e:
-                raise DataError(f"cannot read '{key}' of {path}: {_first_line(e)}") from None
+                raise DataError(
+                    f"cannot read '{key}' of HDF5 file {path}: {_first_line(e)}"
+                ) from None
             _check_matrix(x, path, columns=63, what=f" ['{key}']")
             out.append(x)
     return out[0], out[1], out[2], _index_names(63)
@@ -447,7 +458,7 @@ def _sources(name: str, root: Path) -> tuple[Path, ...]:
     if any((root / f).is_file() for f in all_files):
         raise DataError(
             f"data.path {root} is the {spec.title} folder itself, not the archive root: "
-            f"use its parent, data.path={root.parent} (expected {root / spec.describe()})"
+            f"use its parent, data.path={root.parent} (the folder holding {spec.describe()})"
         )
     other = [p for p in root.iterdir() if p.is_dir() and p.name.lower() == spec.folder.lower()]
     if other and other[0].name != spec.folder:
