@@ -26,7 +26,15 @@ from cnf.data.images import IMAGE_DATASETS, bpd_offset, dequantize
 from cnf.data.tabular import TABULAR_DATASETS, load_tabular
 from cnf.data.toy import TOY_DATASETS, toy_entropy, toy_log_density
 
-__all__ = ["DataError", "Dataset", "DATASETS", "build_dataset", "dataset_from_config", "batch_rng"]
+__all__ = [
+    "DataError",
+    "Dataset",
+    "DATASETS",
+    "build_dataset",
+    "dataset_from_config",
+    "batch_rng",
+    "load_tabular",
+]
 
 
 def batch_rng(seed: int, iteration: int, rank: int = 0) -> np.random.Generator:
