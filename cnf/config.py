@@ -36,9 +36,7 @@ class DataSchema:
     test_size: int = 5000  # toy data: held-out samples (fixed across seeds)
     val_size: int = 1000
     flatten: bool = True  # image data: event shape (C*H*W,) for MLPs; false keeps (C, H, W)
-    standardize: bool = (
-        True  # data.name=file: training-split mean/std (Dataset.nll_offset undoes it)
-    )
+    standardize: bool = True  # data.name=file: standardise with training-split mean/std
 
 
 @dataclass
