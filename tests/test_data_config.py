@@ -21,7 +21,7 @@ import numpy as np
 import pytest
 
 from cnf.config import ConfigError, load_config, parse_overrides
-from cnf.data import DATASETS, DataError, batch_rng, build_dataset
+from cnf.data import DATASETS, DataError, batch_rng, build_dataset, dataset_from_config
 from cnf.data.files import load_array, split_array
 from cnf.data.toy import TOY_DATASETS, toy_entropy, toy_log_density
 
@@ -164,14 +164,69 @@ def test_split_is_deterministic_disjoint_and_sized() -> None:
 
 def test_file_dataset(tmp_path: Path) -> None:
     np.save(tmp_path / "x.npy", _rows(500, 4))
-    ds = build_dataset("file", path=str(tmp_path / "x.npy"), batch_size=64)
-    assert ds.event_shape == (4,) and ds.kind == "tabular"
-    assert ds.train_size == 400 and len(ds.val) == 50 and len(ds.test) == 50
+    # Unstandardised, so column 0 still holds the row ids.
+    ds = build_dataset("file", path=str(tmp_path / "x.npy"), batch_size=64, standardize=False)
+    assert ds.event_shape == (4,) and ds.kind == "tabular" and ds.nll_offset == 0.0
+    assert ds.train.shape == (400, 4) and len(ds.val) == 50 and len(ds.test) == 50
     assert ds.entropy is None and ds.log_density is None
     b1 = ds.sample_train(batch_rng(0, 1), 64)
     np.testing.assert_array_equal(b1, ds.sample_train(batch_rng(0, 1), 64))
     test_ids = set(ds.test[:, 0].astype(int)) | set(ds.val[:, 0].astype(int))
     assert not set(b1[:, 0].astype(int)) & test_ids  # training batches never see held-out rows
+
+
+def test_file_dataset_is_standardised_with_training_statistics(tmp_path: Path) -> None:
+    """6-D data offset by 500 and scaled: the training split has mean 0 / std 1, the
+    held-out splits use the training statistics, and ``nll_offset`` is the change of
+    variables ``sum_d log sigma_d`` between the stored and the standardised data."""
+    rng = np.random.default_rng(0)
+    scale = np.array([0.01, 0.5, 1.0, 3.0, 40.0, 1e3])
+    raw = 500.0 + rng.normal(size=(2000, 6)) * scale
+    np.save(tmp_path / "x.npy", raw)
+    ds = build_dataset("file", path=str(tmp_path / "x.npy"))
+    train_raw, val_raw, test_raw = split_array(raw)
+    mu, sigma = train_raw.mean(0), train_raw.std(0)
+    np.testing.assert_allclose(ds.train.mean(0), 0.0, atol=1e-9)  # 500 / 0.01: 5 digits lost
+    np.testing.assert_allclose(ds.train.std(0), 1.0, rtol=1e-9)
+    np.testing.assert_allclose(ds.val, (val_raw - mu) / sigma, rtol=1e-12, atol=1e-12)
+    np.testing.assert_allclose(ds.test, (test_raw - mu) / sigma, rtol=1e-12, atol=1e-12)
+    assert ds.nll_offset == pytest.approx(np.log(sigma).sum(), rel=1e-12)
+    assert ds.nll_offset == pytest.approx(np.log(scale).sum(), abs=0.2)  # about the true scales
+    # Change of variables: a density fitted to the standardised data, scored there
+    # and shifted by nll_offset, is the density of the raw data.
+    from scipy.stats import norm
+
+    nll_std = -norm(0.0, 1.0).logpdf(ds.test).sum(1)
+    nll_raw = -norm(mu, sigma).logpdf(test_raw).sum(1)
+    np.testing.assert_allclose(nll_std + ds.nll_offset, nll_raw, rtol=1e-10)
+    # Batches follow the seeded-batch rule on the standardised rows.
+    np.testing.assert_array_equal(
+        ds.sample_train(batch_rng(3, 7), 32),
+        ds.train[batch_rng(3, 7).integers(0, len(ds.train), size=32)],
+    )
+    plain = build_dataset("file", path=str(tmp_path / "x.npy"), standardize=False)
+    np.testing.assert_array_equal(plain.train, train_raw)
+    assert plain.nll_offset == 0.0
+
+
+def test_file_dataset_with_a_constant_column_cannot_be_standardised(tmp_path: Path) -> None:
+    x = _rows(100, 3)
+    x[:, 1] = 7.0
+    np.save(tmp_path / "c.npy", x)
+    with pytest.raises(DataError) as e:
+        build_dataset("file", path=str(tmp_path / "c.npy"))
+    msg = str(e.value)
+    assert "\n" not in msg and "c.npy" in msg and "column 1" in msg and "standardize" in msg
+    assert build_dataset("file", path=str(tmp_path / "c.npy"), standardize=False).nll_offset == 0
+
+
+def test_data_standardize_config_key(tmp_path: Path) -> None:
+    np.save(tmp_path / "x.npy", _rows(200, 2) * 10)
+    base = ["data.name=file", f"data.path={tmp_path / 'x.npy'}", "train.batch_size=8"]
+    on = dataset_from_config(load_config(TOY_CONFIG, base))
+    off = dataset_from_config(load_config(TOY_CONFIG, [*base, "data.standardize=false"]))
+    assert on.nll_offset != 0.0 and off.nll_offset == 0.0
+    np.testing.assert_allclose(on.train.std(0), 1.0)
 
 
 def _write_bad(tmp_path: Path, case: str) -> tuple[Path, int]:

@@ -65,7 +65,7 @@ def test_digits_shapes_levels_and_deterministic_split() -> None:
     b = build_dataset("digits", flatten=False)
     assert a.kind == "image" and a.num_levels == 17 and a.image_shape == (1, 8, 8)
     assert a.event_shape == (64,) and b.event_shape == (1, 8, 8)
-    assert a.train_size + len(a.val) + len(a.test) == 1797
+    assert len(a.train) + len(a.val) + len(a.test) == 1797
     assert (len(a.val), len(a.test)) == (180, 359)
     np.testing.assert_array_equal(a.test, b.test.reshape(359, 64))
     np.testing.assert_array_equal(a.val, b.val.reshape(180, 64))

@@ -6,22 +6,35 @@ fixed validation and test arrays, and — where known — the exact data
 log-density and entropy. Image data (``kind='image'``) keep integer pixel
 levels in ``val``/``test`` and dequantise them with ``eval_transform``
 (fresh, seeded noise at every evaluation; see :mod:`cnf.data.images`).
+Tabular data are the user's own file (``file``, standardised with its
+training split's statistics by default) and the five MAF benchmarks
+(``power``, ``gas``, ``hepmass``, ``miniboone``, ``bsds300``; see
+:mod:`cnf.data.tabular`).
 """
 
 from __future__ import annotations
 
 import zlib
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
 
 from cnf.data.files import DataError, load_array, split_array
 from cnf.data.images import IMAGE_DATASETS, bpd_offset, dequantize
+from cnf.data.tabular import TABULAR_DATASETS, load_tabular
 from cnf.data.toy import TOY_DATASETS, toy_entropy, toy_log_density
 
-__all__ = ["DataError", "Dataset", "DATASETS", "build_dataset", "dataset_from_config", "batch_rng"]
+__all__ = [
+    "DataError",
+    "Dataset",
+    "DATASETS",
+    "build_dataset",
+    "dataset_from_config",
+    "batch_rng",
+    "load_tabular",
+]
 
 
 def batch_rng(seed: int, iteration: int, rank: int = 0) -> np.random.Generator:
@@ -38,6 +51,9 @@ class Dataset:
         event_shape: Shape of one sample, e.g. ``(2,)``.
         val, test: Fixed held-out arrays ``(N, *event_shape)``.
         sample_train: ``(rng, n) -> (n, *event_shape)`` training batch.
+        train: The finite training split ``(N, *event_shape)`` that
+            ``sample_train`` draws rows from (image data: integer levels, as
+            ``val``/``test``); None for the infinite toy streams.
         log_density: Exact data log-density, if known.
         entropy: ``(H, stderr)`` in nats, if known.
         kind: ``toy`` | ``tabular`` | ``image``.
@@ -45,6 +61,12 @@ class Dataset:
         eval_transform: ``(held_out, rng) -> model input`` for ``val``/``test``
             batches (image data: uniform dequantisation); None: use as is.
         image_shape: Image data: ``(C, H, W)`` of one image (for sample grids).
+        nll_offset: Nats added to every per-sample NLL or NELBO so that it is
+            in the units of the stored data: ``sum_d log sigma_d`` of the
+            standardising map ``x -> (x - mu) / sigma`` of a user's data file
+            (the change of variables ``log p_x(x) = log p_y(y) - sum_d log
+            sigma_d``). 0 for data used as stored, and for the MAF benchmarks,
+            whose published NLLs are those of the standardised data.
     """
 
     name: str
@@ -55,11 +77,11 @@ class Dataset:
     log_density: Callable[[np.ndarray], np.ndarray] | None = None
     entropy: tuple[float, float] | None = None
     kind: str = "toy"
-    train_size: int | None = None  # None: an infinite stream
-    extra: dict = field(default_factory=dict)
+    train: np.ndarray | None = None  # None: an infinite stream
     num_levels: int | None = None
     eval_transform: Callable[[np.ndarray, np.random.Generator], np.ndarray] | None = None
     image_shape: tuple[int, int, int] | None = None
+    nll_offset: float = 0.0
 
     @property
     def dim(self) -> int:
@@ -94,28 +116,68 @@ def _toy(name: str, *, test_size: int, val_size: int, **_: object) -> Dataset:
     )
 
 
-def _file(name: str, *, path: str | None, batch_size: int, **_: object) -> Dataset:
+def _rows_sampler(train: np.ndarray) -> Callable[[np.random.Generator, int], np.ndarray]:
+    # The seeded-batch rule: a batch is a function of its generator alone, so
+    # a resumed run draws exactly the rows of an uninterrupted one.
+    def sample_train(rng: np.random.Generator, n: int) -> np.ndarray:
+        return np.asarray(train[rng.integers(0, len(train), size=n)])
+
+    return sample_train
+
+
+def _check_batch(train: np.ndarray, total: int, batch_size: int, what: str) -> None:
+    if len(train) < batch_size:
+        raise DataError(
+            f"{what}: {len(train)} training samples after the split "
+            f"(of {total}) are fewer than train.batch_size={batch_size}"
+        )
+
+
+def _file(
+    name: str, *, path: str | None, batch_size: int, standardize: bool = True, **_: object
+) -> Dataset:
     if not path:
         raise DataError("data.name=file needs data.path=<file.npy|file.csv>")
     x = load_array(path)
     train, val, test = split_array(x)
-    if len(train) < batch_size:
-        raise DataError(
-            f"data file {path}: {len(train)} training samples after the split "
-            f"(of {len(x)}) are fewer than train.batch_size={batch_size}"
-        )
-
-    def sample_train(rng: np.random.Generator, n: int) -> np.ndarray:
-        return train[rng.integers(0, len(train), size=n)]
-
+    _check_batch(train, len(x), batch_size, f"data file {path}")
+    nll_offset = 0.0
+    if standardize:
+        # Training-split statistics only, so held-out rows stay unseen.
+        mu, sigma = train.mean(axis=0), train.std(axis=0)
+        if (sigma == 0).any():
+            raise DataError(
+                f"data file {path}: column {int(np.argmax(sigma == 0))} is constant over the "
+                "training split, cannot standardise it (set data.standardize=false)"
+            )
+        train, val, test = ((a - mu) / sigma for a in (train, val, test))
+        nll_offset = float(np.log(sigma).sum())
     return Dataset(
         name="file",
         event_shape=(x.shape[1],),
         val=val,
         test=test,
-        sample_train=sample_train,
+        sample_train=_rows_sampler(train),
         kind="tabular",
-        train_size=len(train),
+        train=train,
+        nll_offset=nll_offset,
+    )
+
+
+def _tabular(name: str, *, path: str | None, batch_size: int, **_: object) -> Dataset:
+    if not path:
+        layout = TABULAR_DATASETS[name].describe()
+        raise DataError(f"data.name={name} needs data.path=<MAF archive root holding {layout}>")
+    s = load_tabular(name, path)
+    _check_batch(s.train, len(s.train) + len(s.val) + len(s.test), batch_size, f"data.name={name}")
+    return Dataset(
+        name=name,
+        event_shape=(s.dim,),
+        val=s.val,
+        test=s.test,
+        sample_train=_rows_sampler(s.train),
+        kind="tabular",
+        train=s.train,
     )
 
 
@@ -141,7 +203,7 @@ def _image(
         test=arrays.test.reshape(len(arrays.test), *event_shape),
         sample_train=sample_train,
         kind="image",
-        train_size=len(train),
+        train=train,
         num_levels=levels,
         eval_transform=eval_transform,
         image_shape=shape,
@@ -151,6 +213,7 @@ def _image(
 DATASETS: dict[str, Callable[..., Dataset]] = {
     **{k: (lambda _k=k, **kw: _toy(_k, **kw)) for k in TOY_DATASETS},
     "file": lambda **kw: _file("file", **kw),
+    **{k: (lambda _k=k, **kw: _tabular(_k, **kw)) for k in TABULAR_DATASETS},
     **{k: (lambda _k=k, **kw: _image(_k, **kw)) for k in IMAGE_DATASETS},
 }
 
@@ -163,15 +226,25 @@ def build_dataset(
     val_size: int = 1000,
     batch_size: int = 1,
     flatten: bool = True,
+    standardize: bool = True,
 ) -> Dataset:
     """Build a registered data set; unknown names raise :class:`DataError` listing the valid ones.
 
-    ``flatten`` applies to image data: event shape ``(C·H·W,)`` (True) or ``(C, H, W)``.
+    ``path``: the file (``file``), folder (images) or MAF archive root (tabular
+    benchmarks). ``flatten`` applies to image data: event shape ``(C·H·W,)``
+    (True) or ``(C, H, W)``. ``standardize`` applies to ``file`` data: subtract
+    the training split's mean and divide by its std (``Dataset.nll_offset``
+    then converts NLLs back to the file's units).
     """
     if name not in DATASETS:
         raise DataError(f"unknown dataset '{name}'; valid: {', '.join(sorted(DATASETS))}")
     return DATASETS[name](
-        path=path, test_size=test_size, val_size=val_size, batch_size=batch_size, flatten=flatten
+        path=path,
+        test_size=test_size,
+        val_size=val_size,
+        batch_size=batch_size,
+        flatten=flatten,
+        standardize=standardize,
     )
 
 
@@ -184,4 +257,5 @@ def dataset_from_config(cfg: Any) -> Dataset:
         val_size=cfg.data.val_size,
         batch_size=cfg.train.batch_size,
         flatten=cfg.data.flatten,
+        standardize=getattr(cfg.data, "standardize", True),
     )
