@@ -1,25 +1,48 @@
 """cnf — continuous normalizing flows and diffusion bridges.
 
 One time convention for the whole library: data at t = 0, noise / base
-distribution at t = T (T = 1 unless learned).
+distribution at t = T (T = 1 unless learned). The mathematics each family
+implements is in ``docs/methods.md``; the layers and the family contract in
+``ARCHITECTURE.md``.
 """
 
-from cnf.cost import cost_curve, parse_cost_grid
 from cnf.data import DATASETS, Dataset, build_dataset
-from cnf.diffusion import SAMPLERS, SDES, build_sde
-from cnf.divergence import ExactDivergence, HutchinsonDivergence, build_divergence, sample_probe
-from cnf.flows import CNF, Flow, MovingBatchNorm, SequentialFlow, build_flow
-from cnf.models import MODELS, EvalOutput, GenerativeModel, LossOutput, build_model
-from cnf.models.diffflow import DiffFlow
-from cnf.models.flow import FlowModel
-from cnf.models.flow_matching import FlowMatchingModel
-from cnf.models.indm import INDM
-from cnf.models.score import ScoreModel
+from cnf.diffusion import SCORE_SAMPLERS, SDES, build_sde
+from cnf.divergence import (
+    DivergenceConfig,
+    ExactDivergence,
+    HutchinsonDivergence,
+    build_divergence,
+    sample_probe,
+)
+from cnf.flows import (
+    CNF,
+    Flow,
+    FlowSettings,
+    MovingBatchNorm,
+    Preprocess,
+    SequentialFlow,
+    build_flow,
+    flow_log_prob,
+)
+from cnf.models import (
+    INDM,
+    MODELS,
+    DiffFlow,
+    EvalOutput,
+    FlowMatchingModel,
+    FlowModel,
+    GenerativeModel,
+    LossOutput,
+    ODESettings,
+    SampleOutput,
+    ScoreModel,
+    build_model,
+)
 from cnf.nets import ACTIVATIONS, LAYERS, TimeMLP
-from cnf.solve import ODESolution, SolverConfig, integrate
-from cnf.tables import build_table, load_table_spec
+from cnf.solve import ODESolution, SolverConfig, SolveStats, integrate
 
-__version__ = "0.1.0"
+__version__ = "0.2.0"
 
 __all__ = [
     "ACTIVATIONS",
@@ -27,11 +50,13 @@ __all__ = [
     "DATASETS",
     "Dataset",
     "DiffFlow",
+    "DivergenceConfig",
     "EvalOutput",
     "ExactDivergence",
     "Flow",
     "FlowMatchingModel",
     "FlowModel",
+    "FlowSettings",
     "GenerativeModel",
     "HutchinsonDivergence",
     "INDM",
@@ -39,11 +64,15 @@ __all__ = [
     "LossOutput",
     "MODELS",
     "MovingBatchNorm",
+    "ODESettings",
     "ODESolution",
-    "SAMPLERS",
+    "Preprocess",
+    "SCORE_SAMPLERS",
     "SDES",
+    "SampleOutput",
     "ScoreModel",
     "SequentialFlow",
+    "SolveStats",
     "SolverConfig",
     "TimeMLP",
     "build_dataset",
@@ -51,10 +80,7 @@ __all__ = [
     "build_flow",
     "build_model",
     "build_sde",
-    "build_table",
-    "cost_curve",
+    "flow_log_prob",
     "integrate",
-    "load_table_spec",
-    "parse_cost_grid",
     "sample_probe",
 ]

@@ -9,7 +9,6 @@ gathers them.
 
 from __future__ import annotations
 
-import cnf.diffusion.unet  # noqa: F401 - registers the "unet" score network
 from cnf.data import DATASETS
 from cnf.diffflow.chain import BACKPROP_MODES, DIFFFLOW_SAMPLERS
 from cnf.diffflow.schedules import BASE_DRIFTS, DIFFUSIONS, GRIDS
@@ -26,12 +25,9 @@ from cnf.models.diffflow import DIFFFLOW_NETS
 from cnf.nets import ACTIVATIONS, LAYERS
 from cnf.registry import Registry
 from cnf.solve import METHODS
+from cnf.train.loop import OPTIMIZERS, SCHEDULES
 from cnf.train.tracking import WANDB_MODES
 
-OPTIMIZERS: Registry[str] = Registry("optimizer", {"adam": "torch.optim.Adam", "adamw": "torch.optim.AdamW"})
-SCHEDULES: Registry[str] = Registry(
-    "learning-rate schedule", {"constant": "after warm-up", "cosine": "cosine decay to 0"}
-)
 DEVICES: Registry[str] = Registry(
     "device", {"auto": "cuda when available", "cpu": "cpu", "cuda": "cuda[:N]", "mps": "Apple GPU"}
 )

@@ -123,6 +123,13 @@ def _move(node: DictConfig, old: str, new: str, moved: list[str], where: str) ->
     moved.append(f"{where}.{old} → {where}.{new}")
 
 
+def _section(node: DictConfig, key: str) -> DictConfig:
+    """``node[key]``, created as an empty section if absent (the node itself, not a copy)."""
+    if key not in node or not isinstance(node[key], DictConfig):
+        node[key] = {}
+    return node[key]
+
+
 def _name_section(node: DictConfig, key: str, moved: list[str], where: str) -> None:
     """A plain string choice ``key: vp`` becomes ``key: {name: vp}``."""
     if key in node and isinstance(node[key], str):
@@ -197,7 +204,8 @@ def migrate(raw: DictConfig, *, from_run: bool = False) -> DictConfig:
             _move(ev, k, f"divergence.{k}", moved, "eval")
     data = raw.get("data")
     if from_run and isinstance(data, DictConfig) and data.get("name") == "file":
-        data.setdefault("standardize", False)
+        if "standardize" not in data:
+            data["standardize"] = False
     m = raw.get("model")
     if not isinstance(m, DictConfig):
         if moved:
@@ -236,12 +244,12 @@ def migrate(raw: DictConfig, *, from_run: bool = False) -> DictConfig:
                 if k in m:
                     value = m.pop(k)
                     if name == "mlp" or (name == "unet" and k == "embed_scale"):
-                        m.setdefault("net", {})[k] = value
+                        _section(m, "net")[k] = value
                     moved.append(f"model.{k} → model.net.{k}")
             if name == "unet" and unet:
                 for k, v in unet.items():
-                    if k != "image_shape":
-                        m.net.setdefault(k, v)
+                    if k != "image_shape" and k not in m.net:
+                        m.net[k] = v
                 moved.append("model.unet.* → model.net.*")
         _move(m, "data_scale", "preprocess.scale", moved, "model")
         _move(m, "data_shift", "preprocess.shift", moved, "model")
@@ -256,9 +264,9 @@ def migrate(raw: DictConfig, *, from_run: bool = False) -> DictConfig:
             if prefix + k in m:
                 value = m.pop(prefix + k)
                 if k == "series_terms" and value == 0:
-                    m.setdefault("eval_logdet", {})["name"] = "own"
+                    _section(m, "eval_logdet")["name"] = "own"
                 else:
-                    m.setdefault("eval_logdet", {})[k] = value
+                    _section(m, "eval_logdet")[k] = value
                 moved.append(f"model.{prefix}{k} → model.eval_logdet.{k}")
     if family == "flow":
         _move(m, "logit_alpha", "preprocess.logit_alpha", moved, "model")
@@ -267,7 +275,7 @@ def migrate(raw: DictConfig, *, from_run: bool = False) -> DictConfig:
     if family == "diffflow":
         if "input_shift" in m or "input_scale" in m:
             shift, scale = float(m.pop("input_shift", 0.0)), float(m.pop("input_scale", 1.0))
-            pre = m.setdefault("preprocess", {})
+            pre = _section(m, "preprocess")
             pre["scale"], pre["shift"] = 1.0 / scale, -shift / scale
             moved.append("model.input_shift/input_scale → model.preprocess.{scale, shift}")
         if isinstance(m.get("grid"), DictConfig):

@@ -31,6 +31,8 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
+MISSING_STR = "???"  # OmegaConf's marker of a required value
+
 __all__ = [
     "CHOICES",
     "Config",
@@ -451,6 +453,7 @@ class DataSchema:
     test_size: int = 5000  # toy data: held-out samples (fixed across seeds)
     val_size: int = 1000
     flatten: bool = True  # image data: event shape (C*H*W,) for MLPs; false keeps (C, H, W)
+    standardize: bool = True  # file data: standardise with training-split statistics
 
     def __post_init__(self) -> None:
         _check("DATASETS", "name", self.name)
@@ -545,3 +548,105 @@ class Config:
     def __post_init__(self) -> None:
         _check("DEVICES", "device", self.device.split(":")[0])
         _check("DTYPES", "dtype", self.dtype)
+
+
+# -------------------------------------------------------------------- sweeps
+@dataclass
+class SweepSchema:
+    """A sweep file (``configs/sweeps/*.yaml``; format in :mod:`cnf.sweep`)."""
+
+    name: str = MISSING_STR
+    base: str = MISSING_STR  # the training config, relative to this file or the repository
+    overrides: dict[str, Any] = field(default_factory=dict)  # fixed dotted overrides
+    axes: dict[str, Any] = field(default_factory=dict)  # dotted key -> list of values
+    zip: list[list[str]] = field(default_factory=list)  # axes that vary together
+    runs_root: str = "runs/sweeps"
+    slurm: dict[str, Any] = field(default_factory=dict)  # resources: slurm/launch.py
+
+    def __post_init__(self) -> None:
+        import re
+
+        if not re.match(r"^[A-Za-z0-9][A-Za-z0-9._-]*$", self.name):
+            raise ValueError(
+                f"name: {self.name!r} must be letters, digits, '.', '_' or '-' (it names a folder)"
+            )
+        if not self.base:
+            raise ValueError("base: the path of a training config is required")
+        if not self.axes:
+            raise ValueError("axes: must be a non-empty mapping of dotted keys to lists")
+        if not self.runs_root:
+            raise ValueError("runs_root: must be a folder path")
+
+
+# ---------------------------------------------------------------- table specs
+@dataclass
+class MetricSchema:
+    key: str = MISSING_STR  # a final.json key
+    label: str | None = None  # default: the key with spaces
+    decimals: int = 3
+    better: str | None = None  # lower | higher | null: bold the best of our rows
+
+    def __post_init__(self) -> None:
+        if not 0 <= self.decimals <= 8:
+            raise ValueError(f"decimals: must be an integer in 0..8, got {self.decimals}")
+        if self.better not in (None, "lower", "higher"):
+            raise ValueError(f"better: must be lower, higher or null, got {self.better!r}")
+
+
+@dataclass
+class ColumnSchema:
+    label: str = MISSING_STR
+    select: dict[str, Any] = field(default_factory=dict)  # dotted config key -> value | {in: [...]}
+
+
+@dataclass
+class RowSchema:
+    label: str = MISSING_STR
+    runs: list[str] = field(default_factory=list)  # globs under runs_root
+    sweep: str | None = None  # = runs: sweeps/<sweep>
+    select: dict[str, Any] = field(default_factory=dict)
+    seeds: list[int] | None = None  # expected seeds: absent ones are listed as missing
+    keys: dict[str, str] = field(default_factory=dict)  # metric key -> final.json key
+    note: str | None = None
+
+
+@dataclass
+class ReferenceSchema:
+    label: str = MISSING_STR
+    status: str = MISSING_STR  # confirmed | measured | unverified | recalled
+    source: str | None = None
+    values: dict[str, Any] = field(default_factory=dict)  # column -> number | {metric: ...}
+    from_runs: dict[str, str] = field(default_factory=dict)  # metric -> final.json key
+    note: str | None = None
+
+    def __post_init__(self) -> None:
+        if self.status not in ("confirmed", "measured", "unverified", "recalled"):
+            raise ValueError(
+                f"status: unknown value {self.status!r}; valid: confirmed, measured, unverified, recalled"
+            )
+        if not self.values and not self.from_runs:
+            raise ValueError("values: a reference needs values or from_runs")
+
+
+@dataclass
+class TableSpecSchema:
+    """A table spec (``configs/tables/*.yaml``; format in :mod:`cnf.tables`)."""
+
+    name: str | None = None  # default: the file stem
+    title: str | None = None
+    caption: str | None = None
+    runs_root: str = "runs"
+    metrics: list[MetricSchema] = field(default_factory=lambda: [MetricSchema(key="test_nll")])
+    column_key: str = "data.name"  # what a plain-string column selects on
+    columns: list[ColumnSchema] = field(default_factory=list)
+    rows: list[RowSchema] = field(default_factory=list)
+    references: list[ReferenceSchema] = field(default_factory=list)
+    notes: list[str] = field(default_factory=list)
+
+    def __post_init__(self) -> None:
+        if not self.columns:
+            raise ValueError("columns: must be a non-empty list (data sets)")
+        if not self.rows:
+            raise ValueError("rows: must be a non-empty list (methods)")
+        if not self.metrics:
+            raise ValueError("metrics: must be a non-empty list")

@@ -12,7 +12,7 @@ A sweep file::
       seed: [0, 1, 2]
     zip: [[model.kinetic, model.jacobian]]  # axes that vary together (optional)
     runs_root: runs/sweeps              # runs go to <runs_root>/<name>/<digest>_s<seed>
-    slurm: {partition: gpu, gpus: 1, cpus_per_task: 4, mem: 16G, time: "04:00:00"}
+    slurm: {partition: gpu, gpus: 1, cpus_per_task: 4, mem: 16G, time: "04:00:00"}  # slurm/launch.py
 
 expands to the Cartesian product of the axes, where each ``zip`` group counts
 as one axis whose lists are walked in step (above: 2 × 2 × 3 = 12 runs). Every
@@ -21,14 +21,13 @@ run gets a deterministic folder named by a readable digest of its axis values
 relaunched sweep finds its runs again: finished ones are skipped, partial ones
 resume from their checkpoints.
 
-:func:`load_sweep` validates the file (unknown keys, empty axes, zip groups,
-SLURM resource formats) and :func:`plan` resolves every run's config with
-:func:`cnf.config.load_config`, which rejects an axis on a key the base config
-lacks and bad values. Every problem is a :class:`SweepError` with a one-line
-message. :func:`render_sbatch` fills a template from ``slurm/``; every value
-that reaches the script is shell-quoted, and the run's overrides never do:
-each array task reads them from the JSON-lines manifest (:func:`manifest_text`,
-line *i* = array task *i*).
+:func:`load_sweep` validates the file against :class:`cnf.schema.SweepSchema`
+(unknown keys, empty axes, zip groups) and :func:`plan` resolves every run's
+config with :func:`cnf.config.load_config`, which rejects an axis on a key
+the base config lacks and bad values. Every problem is a :class:`SweepError`
+with a one-line message. The JSON-lines manifest (:func:`manifest_text`, line
+*i* = run *i*) is what a launcher reads; SLURM lives outside the library, in
+``slurm/launch.py``.
 """
 
 from __future__ import annotations
@@ -38,31 +37,23 @@ import itertools
 import json
 import math
 import re
-import shlex
-import string
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-import yaml
-
 __all__ = [
     "Run",
-    "SlurmSpec",
     "Sweep",
     "SweepError",
-    "array_spec",
     "format_value",
     "load_sweep",
     "manifest_text",
     "plan",
-    "render_sbatch",
     "run_name",
     "run_status",
 ]
 
-SWEEP_KEYS = ("name", "base", "overrides", "axes", "zip", "runs_root", "slurm")
 MAX_DIGEST = 100  # characters of the readable digest before it is cut and hashed
 STATUSES = ("new", "partial", "running", "finished", "conflict")
 
@@ -71,176 +62,6 @@ class SweepError(ValueError):
     """A sweep file that cannot be used; the message is one line."""
 
 
-# --------------------------------------------------------------------- YAML
-class _Loader(yaml.SafeLoader):
-    """YAML 1.2-style scalars: ``1:00:00`` stays a string (YAML 1.1 reads it as
-    the base-60 integer 3600, which would silently turn a SLURM time into 60
-    hours), and ``1e-3`` is a float (as OmegaConf reads it)."""
-
-
-_Loader.yaml_implicit_resolvers = {
-    first: [(tag, rx) for tag, rx in resolvers if not tag.endswith((":int", ":float"))]
-    for first, resolvers in yaml.SafeLoader.yaml_implicit_resolvers.items()
-}
-_Loader.add_implicit_resolver(
-    "tag:yaml.org,2002:int", re.compile(r"^[-+]?(0|[1-9][0-9_]*)$"), list("-+0123456789")
-)
-_Loader.add_implicit_resolver(
-    "tag:yaml.org,2002:float",
-    re.compile(
-        r"""^(?:[-+]?(?:[0-9][0-9_]*)(?:\.[0-9_]*)?(?:[eE][-+]?[0-9]+)?
-        |[-+]?\.[0-9_]+(?:[eE][-+]?[0-9]+)?
-        |[-+]?\.(?:inf|Inf|INF)
-        |\.(?:nan|NaN|NAN))$""",
-        re.X,
-    ),
-    list("-+0123456789."),
-)
-
-
-def _read_yaml(path: Path) -> Any:
-    try:
-        return yaml.load(path.read_text(), Loader=_Loader)  # noqa: S506 - a SafeLoader subclass
-    except OSError as e:
-        raise SweepError(f"cannot read sweep file {path}: {e.strerror}") from None
-    except yaml.YAMLError as e:
-        raise SweepError(f"sweep file {path} is not valid YAML: {str(e).splitlines()[0]}") from None
-
-
-# -------------------------------------------------------------------- SLURM
-_TIME_RE = re.compile(
-    r"^(?:\d+|\d+:\d{1,2}|\d+:\d{1,2}:\d{1,2}|\d+-\d{1,2}|\d+-\d{1,2}:\d{1,2}"
-    r"|\d+-\d{1,2}:\d{1,2}:\d{1,2}|UNLIMITED|INFINITE)$"
-)
-_MEM_RE = re.compile(r"^\d+[KMGT]?$")
-_NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]*$")
-_SLURM_WORD_RE = re.compile(r"^[A-Za-z0-9_.,:+-]+$")  # partition / account / qos / gres
-_EXTRA_RE = re.compile(r"^--[a-z][a-z0-9-]*(=.*)?$")
-
-
-@dataclass(frozen=True)
-class SlurmSpec:
-    """The ``slurm:`` section: resources of every array task.
-
-    ``gpus`` and ``nproc_per_node`` are per node. With more than one process
-    per node or more than one node, each task is a data-parallel job
-    (``slurm/ddp.sbatch.tmpl``: ``srun`` + ``torchrun``); otherwise one process
-    per task (``slurm/array.sbatch.tmpl``). ``setup`` lines (``module load``,
-    ``source venv/bin/activate``) are shell commands and go into the script as
-    written; everything else is validated and quoted.
-    """
-
-    partition: str | None = None
-    account: str | None = None
-    qos: str | None = None
-    gres: str | None = None  # e.g. gpu:a100:1; default gpu:<gpus> when gpus > 0
-    gpus: int = 0  # GPUs per node
-    nproc_per_node: int | None = None  # training processes per node; default max(gpus, 1)
-    nodes: int = 1
-    cpus_per_task: int = 1  # CPUs per node-task (shared by its processes)
-    mem: str | None = None  # per node, e.g. 16G or 4000M
-    time: str | None = None  # e.g. 04:00:00 or 1-00:00:00
-    array_throttle: int = 0  # at most this many tasks at once; 0 = no limit
-    signal_grace: int = 120  # seconds before the time limit at which USR1 arrives
-    setup: tuple[str, ...] = ()
-    extra: tuple[str, ...] = ()  # more sbatch options, e.g. "--constraint=a100"
-    job_name: str | None = None  # default: the sweep name
-    python: str | None = None  # interpreter on the nodes; default: the one running sweep.py
-    template: str = "auto"  # auto | array | ddp
-
-    @property
-    def procs_per_node(self) -> int:
-        return self.nproc_per_node or max(self.gpus, 1)
-
-    @property
-    def kind(self) -> str:
-        """Which template: ``ddp`` for multi-process or multi-node tasks, else ``array``."""
-        if self.template != "auto":
-            return self.template
-        return "ddp" if self.nodes > 1 or self.procs_per_node > 1 else "array"
-
-
-def _parse_slurm(raw: Any, where: str) -> SlurmSpec:
-    if raw is None:
-        return SlurmSpec()
-    if not isinstance(raw, Mapping):
-        raise SweepError(f"{where}: slurm must be a mapping of resources")
-    known = SlurmSpec.__dataclass_fields__
-    for key in raw:
-        if key not in known:
-            raise SweepError(
-                f"{where}: unknown key 'slurm.{key}'; valid: {', '.join(sorted(known))}"
-            )
-    kw: dict[str, Any] = {}
-
-    def text(key: str, pattern: re.Pattern[str], hint: str) -> None:
-        if raw.get(key) is None:
-            return
-        value = str(raw[key])
-        if isinstance(raw[key], (bool, float)) or not pattern.match(value):
-            raise SweepError(f"{where}: slurm.{key}: {raw[key]!r} is not {hint}")
-        kw[key] = value
-
-    def integer(key: str, low: int, high: int | None = None) -> None:
-        if raw.get(key) is None:
-            return
-        value = raw[key]
-        if isinstance(value, bool) or not isinstance(value, int) or value < low:
-            raise SweepError(f"{where}: slurm.{key}: {value!r} is not an integer >= {low}")
-        if high is not None and value > high:
-            raise SweepError(f"{where}: slurm.{key}: {value!r} is larger than {high}")
-        kw[key] = value
-
-    def lines(key: str, pattern: re.Pattern[str] | None, hint: str) -> None:
-        if raw.get(key) is None:
-            return
-        value = raw[key]
-        if isinstance(value, str):
-            value = [value]
-        if not isinstance(value, list) or not all(isinstance(v, str) for v in value):
-            raise SweepError(f"{where}: slurm.{key} must be a list of strings")
-        for v in value:
-            if "\n" in v or "\r" in v or (pattern is not None and not pattern.match(v)):
-                raise SweepError(f"{where}: slurm.{key}: {v!r} is not {hint}")
-        kw[key] = tuple(value)
-
-    word = "a SLURM name (letters, digits, _ . , : + -)"
-    text("partition", _SLURM_WORD_RE, word)
-    text("account", _SLURM_WORD_RE, word)
-    text("qos", _SLURM_WORD_RE, word)
-    text("gres", _SLURM_WORD_RE, "a SLURM gres such as gpu:1 or gpu:a100:2")
-    text("job_name", _NAME_RE, "a job name (letters, digits, . _ -)")
-    text(
-        "time",
-        _TIME_RE,
-        "a SLURM time (MM, MM:SS, HH:MM:SS, D-HH, D-HH:MM or D-HH:MM:SS; quote it in YAML)",
-    )
-    text("mem", _MEM_RE, "a SLURM memory size such as 4000M or 16G")
-    integer("gpus", 0)
-    integer("nproc_per_node", 1)
-    integer("nodes", 1)
-    integer("cpus_per_task", 1)
-    integer("array_throttle", 0)
-    integer("signal_grace", 1, 65535)
-    lines("setup", None, "a shell line")
-    lines("extra", _EXTRA_RE, "an sbatch option such as --constraint=a100")
-    if raw.get("python") is not None:
-        if not isinstance(raw["python"], str) or not raw["python"].strip():
-            raise SweepError(f"{where}: slurm.python must be the path of a Python interpreter")
-        kw["python"] = raw["python"]
-    if raw.get("template") is not None:
-        if raw["template"] not in ("auto", "array", "ddp"):
-            raise SweepError(
-                f"{where}: slurm.template: unknown value {raw['template']!r}; valid: auto, array, ddp"
-            )
-        kw["template"] = raw["template"]
-    spec = SlurmSpec(**kw)
-    if spec.gres and spec.gpus:
-        raise SweepError(f"{where}: give slurm.gres or slurm.gpus, not both")
-    return spec
-
-
-# -------------------------------------------------------------------- sweep
 @dataclass(frozen=True)
 class Sweep:
     """A validated sweep file (:func:`load_sweep`)."""
@@ -252,7 +73,7 @@ class Sweep:
     axes: dict[str, list[Any]]
     zip: tuple[tuple[str, ...], ...]
     runs_root: Path
-    slurm: SlurmSpec = field(default_factory=SlurmSpec)
+    slurm: dict[str, Any] = field(default_factory=dict)  # validated by slurm/launch.py
 
     @property
     def folder(self) -> Path:
@@ -297,40 +118,44 @@ def load_sweep(
 ) -> Sweep:
     """Read and validate a sweep file (not yet the run configs: see :func:`plan`).
 
+    The file is an OmegaConf structured config of :class:`cnf.schema.SweepSchema`
+    (unknown keys and wrong types are errors); its ``slurm:`` section is left
+    to the SLURM launcher (``slurm/launch.py``).
+
     Args:
         path: The sweep YAML.
         search: More folders to look for ``base`` in, after the sweep file's
             own (e.g. the repository root).
         runs_root: Overrides the file's ``runs_root``.
     """
+    from omegaconf import OmegaConf
+    from omegaconf.errors import OmegaConfBaseException
+
+    from cnf.config import ConfigError, _format_omegaconf_error
+    from cnf.schema import SweepSchema
+
     path = Path(path)
     where = str(path)
-    raw = _read_yaml(path)
+    try:
+        raw = OmegaConf.load(path)
+    except OSError as e:
+        raise SweepError(f"cannot read sweep file {path}: {e.strerror}") from None
+    except Exception as e:
+        raise SweepError(f"sweep file {path} is not valid YAML: {str(e).splitlines()[0]}") from None
     if not isinstance(raw, Mapping):
         raise SweepError(f"{where}: a sweep file holds a mapping (name, base, axes, ...)")
-    for key in raw:
-        if key not in SWEEP_KEYS:
-            raise SweepError(f"{where}: unknown key '{key}'; valid: {', '.join(SWEEP_KEYS)}")
-    for key in ("name", "base", "axes"):
-        if raw.get(key) is None:
-            raise SweepError(f"{where}: missing required key '{key}'")
-    name = raw["name"]
-    if not isinstance(name, str) or not _NAME_RE.match(name):
-        raise SweepError(
-            f"{where}: name {name!r} must be letters, digits, '.', '_' or '-' (it names a folder)"
-        )
-    base = _find_base(raw["base"], path, search, where)
-
-    overrides = raw.get("overrides") or {}
-    if not isinstance(overrides, Mapping):
-        raise SweepError(f"{where}: overrides must be a mapping of dotted keys to values")
-    overrides = {_check_key(k, f"{where}: overrides"): v for k, v in overrides.items()}
-
-    axes_raw = raw["axes"]
-    if not isinstance(axes_raw, Mapping) or not axes_raw:
-        raise SweepError(f"{where}: axes must be a non-empty mapping of dotted keys to lists")
+    root_schema = OmegaConf.structured(SweepSchema)
+    try:
+        merged = OmegaConf.merge(root_schema, raw)
+        spec = OmegaConf.to_object(merged)
+    except OmegaConfBaseException as e:
+        raise SweepError(f"{where}: {_format_omegaconf_error(e, root_schema)}") from None
+    except (ValueError, ConfigError) as e:
+        raise SweepError(f"{where}: {str(e).splitlines()[0]}") from None
+    base = _find_base(spec.base, path, search, where)
+    overrides = {_check_key(k, f"{where}: overrides"): v for k, v in spec.overrides.items()}
     axes: dict[str, list[Any]] = {}
-    for key, values in axes_raw.items():
+    for key, values in spec.axes.items():
         _check_key(key, f"{where}: axes")
         if not isinstance(values, list):
             raise SweepError(f"{where}: axes.{key} must be a list of values, got {values!r}")
@@ -339,13 +164,9 @@ def load_sweep(
         if key in overrides:
             raise SweepError(f"{where}: '{key}' is both a fixed override and an axis")
         axes[key] = values
-
     groups: list[tuple[str, ...]] = []
     seen: set[str] = set()
-    zip_raw = raw.get("zip") or []
-    if not isinstance(zip_raw, list) or not all(isinstance(g, list) for g in zip_raw):
-        raise SweepError(f"{where}: zip must be a list of lists of axis keys")
-    for group in zip_raw:
+    for group in spec.zip:
         if len(group) < 2:
             raise SweepError(f"{where}: zip group {group} needs at least two axes")
         for key in group:
@@ -359,19 +180,15 @@ def load_sweep(
             shown = ", ".join(f"{k} has {n}" for k, n in zip(group, lengths))
             raise SweepError(f"{where}: zip group axes must have equal lengths ({shown})")
         groups.append(tuple(group))
-
-    root = runs_root if runs_root is not None else raw.get("runs_root", "runs/sweeps")
-    if not isinstance(root, (str, Path)) or not str(root):
-        raise SweepError(f"{where}: runs_root must be a folder path")
     return Sweep(
-        name=name,
+        name=spec.name,
         path=path,
         base=base,
         overrides=dict(overrides),
         axes=axes,
         zip=tuple(groups),
-        runs_root=Path(root),
-        slurm=_parse_slurm(raw.get("slurm"), where),
+        runs_root=Path(runs_root if runs_root is not None else spec.runs_root),
+        slurm=dict(spec.slurm),
     )
 
 
@@ -549,30 +366,13 @@ def _check_unique(sweep: Sweep, runs: list[Run]) -> None:
 
 
 def run_status(run: Run) -> str:
-    """``finished`` (final.json), ``running`` (its lock is held), ``partial`` (a
-    checkpoint), ``new``, or ``conflict`` (the folder holds a run with another config)."""
-    from cnf.train.loop import CKPT_NAME, run_dir_locked
+    """``finished`` | ``running`` | ``partial`` | ``new`` | ``conflict`` (:meth:`cnf.rundir.RunDir.status`)."""
+    from cnf.rundir import RunDir
 
-    d = run.run_dir
-    if (d / "final.json").is_file():
-        return "finished"
-    if run_dir_locked(d):
-        return "running"
-    if (d / "config.yaml").is_file() and run.config:
-        from omegaconf import OmegaConf
-
-        from cnf.train.loop import config_differences
-
-        try:
-            old = OmegaConf.to_container(OmegaConf.load(d / "config.yaml"), resolve=True)
-        except Exception:
-            return "conflict"
-        if config_differences(old, run.config):
-            return "conflict"
-    return "partial" if (d / CKPT_NAME).is_file() else "new"
+    return RunDir(run.run_dir).status(run.config)
 
 
-# ------------------------------------------------------------ SLURM script
+# --------------------------------------------------------------- manifest
 def manifest_text(runs: Sequence[Run], base: Path) -> str:
     """JSON lines, line *i* = array task *i*: ``config``, ``overrides``, ``run_dir``, ``name``."""
     lines = []
@@ -586,80 +386,3 @@ def manifest_text(runs: Sequence[Run], base: Path) -> str:
         }
         lines.append(json.dumps(entry, sort_keys=True))
     return "".join(line + "\n" for line in lines)
-
-
-def array_spec(indices: Sequence[int], throttle: int = 0) -> str:
-    """``0-3,7,9-10%2``: ranges compressed, ``%throttle`` appended when > 0."""
-    if not indices:
-        raise SweepError("no runs to submit")
-    idx = sorted(set(indices))
-    parts, start, prev = [], idx[0], idx[0]
-    for i in [*idx[1:], None]:
-        if i is not None and i == prev + 1:
-            prev = i
-            continue
-        parts.append(str(start) if start == prev else f"{start}-{prev}")
-        if i is not None:
-            start = prev = i
-    return ",".join(parts) + (f"%{throttle}" if throttle else "")
-
-
-class _Template(string.Template):
-    # ``$`` belongs to the shell in these scripts; placeholders are @@{name}.
-    delimiter = "@@"
-
-
-def render_sbatch(
-    template: str,
-    sweep: Sweep,
-    indices: Sequence[int],
-    *,
-    manifest: Path,
-    workdir: Path,
-    python: str,
-    log_dir: Path,
-) -> str:
-    """Fill an sbatch template (``slurm/*.sbatch.tmpl``) for the array tasks ``indices``.
-
-    Every value is passed through :func:`shlex.quote`, also in ``#SBATCH``
-    lines (sbatch strips the quotes), except the sweep's ``setup`` lines, which
-    are shell commands by design.
-    """
-    s = sweep.slurm
-    q = shlex.quote
-    opts: list[str] = []
-    for key, flag in (
-        ("partition", "--partition"),
-        ("account", "--account"),
-        ("qos", "--qos"),
-        ("time", "--time"),
-        ("mem", "--mem"),
-    ):
-        value = getattr(s, key)
-        if value is not None:
-            opts.append(f"#SBATCH {flag}={q(value)}")
-    opts.append(f"#SBATCH --cpus-per-task={int(s.cpus_per_task)}")
-    gres = s.gres or (f"gpu:{int(s.gpus)}" if s.gpus else None)
-    if gres:
-        opts.append(f"#SBATCH --gres={q(gres)}")
-    for line in s.extra:
-        flag, sep, value = line.partition("=")
-        opts.append(f"#SBATCH {flag}{sep}{q(value)}" if sep else f"#SBATCH {flag}")
-    mapping = {
-        "sweep_name": q(sweep.name),
-        "job_name": q(s.job_name or sweep.name),
-        "array": q(array_spec(indices, s.array_throttle)),
-        "log_file": q(str(log_dir / "%A_%a.out")),
-        "signal": q(f"B:USR1@{int(s.signal_grace)}"),
-        "nodes": str(int(s.nodes)),
-        "nproc_per_node": str(int(s.procs_per_node)),
-        "sbatch_options": "\n".join(opts),
-        "setup": "\n".join(s.setup) if s.setup else "# (no setup lines)",
-        "workdir": q(str(workdir)),
-        "python": q(python),
-        "manifest": q(str(manifest)),
-    }
-    try:
-        return _Template(template).substitute(mapping)
-    except (KeyError, ValueError) as e:
-        raise SweepError(f"sbatch template: bad or unknown placeholder {e}") from None

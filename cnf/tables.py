@@ -63,7 +63,9 @@ from omegaconf import OmegaConf
 from cnf.config import ConfigError
 
 __all__ = [
+    "STATUS_FOOTNOTES",
     "STATUS_MARKS",
+    "Cell",
     "Metric",
     "RunFolder",
     "Table",
@@ -73,8 +75,6 @@ __all__ = [
     "config_matches",
     "load_table_spec",
     "parse_table_spec",
-    "render_latex",
-    "render_markdown",
     "scan_runs",
 ]
 
@@ -149,38 +149,34 @@ def _err(where: str, msg: str) -> TableSpecError:
     return TableSpecError(f"table spec {where}: {msg}")
 
 
-def _mapping(v: Any, where: str) -> Mapping[str, Any]:
-    if not isinstance(v, Mapping):
-        raise _err(where, f"must be a mapping, got {type(v).__name__}")
-    return v
-
-
-def _keys(d: Mapping[str, Any], allowed: Sequence[str], where: str) -> None:
-    unknown = [k for k in d if k not in allowed]
-    if unknown:
-        raise _err(where, f"unknown key '{unknown[0]}'; valid: {', '.join(allowed)}")
-
-
-def _str(v: Any, where: str, *, optional: bool = False) -> str | None:
-    if v is None and optional:
-        return None
-    if not isinstance(v, str) or not v.strip():
-        raise _err(where, f"must be a non-empty string, got {v!r}")
-    return v
-
-
-def _str_list(v: Any, where: str) -> tuple[str, ...]:
-    if isinstance(v, str):
-        v = [v]
-    if not isinstance(v, list | tuple) or not v:
-        raise _err(where, "must be a string or a non-empty list of strings")
-    return tuple(_str(x, f"{where}[{i}]") for i, x in enumerate(v))
-
-
-def _select(v: Any, where: str) -> dict[str, Any]:
+def _as_list(v: Any) -> list[Any]:
     if v is None:
-        return {}
-    v = _mapping(v, where)
+        return []
+    return list(v) if isinstance(v, list | tuple) else [v]
+
+
+def _shorthands(raw: Mapping[str, Any]) -> dict[str, Any]:
+    """Expand the documented shorthands (a string metric, column or run pattern) to sections."""
+    out = dict(raw)
+    out["metrics"] = [
+        {"key": m} if isinstance(m, str) else m for m in _as_list(raw.get("metrics", ["test_nll"]))
+    ]
+    column_key = raw.get("column_key", "data.name")
+    out["columns"] = [
+        {"label": c, "select": {column_key: c}} if isinstance(c, str) else c
+        for c in _as_list(raw.get("columns"))
+    ]
+    rows = []
+    for r in _as_list(raw.get("rows")):
+        if isinstance(r, Mapping) and "runs" in r:
+            r = {**r, "runs": _as_list(r["runs"])}
+        rows.append(r)
+    out["rows"] = rows
+    out["notes"] = _as_list(raw.get("notes"))
+    return out
+
+
+def _select(v: Mapping[str, Any], where: str) -> dict[str, Any]:
     out = {}
     for k, val in v.items():
         if not isinstance(k, str) or not k or any(not p for p in k.split(".")):
@@ -198,30 +194,12 @@ def _number(v: Any, where: str) -> float:
     return float(v)
 
 
-def _status(v: Any, where: str) -> str:
-    if v not in STATUS_MARKS:
-        raise _err(where, f"unknown status {v!r}; valid: {', '.join(STATUS_MARKS)}")
-    return v
-
-
-def _metric(v: Any, where: str) -> Metric:
-    if isinstance(v, str):
-        v = {"key": v}
-    v = _mapping(v, where)
-    _keys(v, ("key", "label", "decimals", "better"), where)
-    key = _str(v.get("key"), f"{where}.key")
-    decimals = v.get("decimals", 3)
-    if isinstance(decimals, bool) or not isinstance(decimals, int) or not 0 <= decimals <= 8:
-        raise _err(f"{where}.decimals", f"must be an integer in 0..8, got {decimals!r}")
-    better = v.get("better")
-    if better not in (None, "lower", "higher"):
-        raise _err(f"{where}.better", f"must be lower, higher or null, got {better!r}")
-    label = _str(v.get("label", key.replace("_", " ")), f"{where}.label")
-    return Metric(key, label, decimals, better)
-
-
 def parse_table_spec(raw: Any, *, default_name: str | None = None) -> TableSpec:
     """Validate a table spec given as plain data (see the module docstring).
+
+    The spec is an OmegaConf structured config of :class:`cnf.schema.TableSpecSchema`
+    (after the documented shorthands are expanded); references across its
+    parts (a row's ``keys``, a reference's columns and metrics) are checked here.
 
     Args:
         raw: The spec mapping.
@@ -230,113 +208,69 @@ def parse_table_spec(raw: Any, *, default_name: str | None = None) -> TableSpec:
     Raises:
         TableSpecError: one line naming the offending key.
     """
-    raw = _mapping(raw, "top level")
-    _keys(
-        raw,
-        (
-            "name",
-            "title",
-            "caption",
-            "runs_root",
-            "metrics",
-            "column_key",
-            "columns",
-            "rows",
-            "references",
-            "notes",
-        ),
-        "top level",
-    )
-    name = raw.get("name", default_name)
-    name = _str(name, "name")
-    if any(c in name for c in "/\\ ") or name.startswith("."):
-        raise _err("name", f"'{name}' must be usable as a file name (no spaces or slashes)")
-    title = _str(raw.get("title", name), "title")
-    caption = _str(raw.get("caption", title), "caption")
-    runs_root = _str(raw.get("runs_root", "runs"), "runs_root")
+    from omegaconf import OmegaConf
+    from omegaconf.errors import OmegaConfBaseException
 
-    metrics_raw = raw.get("metrics", ["test_nll"])
-    if isinstance(metrics_raw, str | Mapping):
-        metrics_raw = [metrics_raw]
-    if not isinstance(metrics_raw, list) or not metrics_raw:
-        raise _err("metrics", "must be a non-empty list")
-    metrics = tuple(_metric(m, f"metrics[{i}]") for i, m in enumerate(metrics_raw))
+    from cnf.config import _format_omegaconf_error
+    from cnf.schema import TableSpecSchema
+
+    if not isinstance(raw, Mapping):
+        raise _err("top level", f"must be a mapping, got {type(raw).__name__}")
+    schema = OmegaConf.structured(TableSpecSchema)
+    try:
+        spec = OmegaConf.to_object(OmegaConf.merge(schema, _shorthands(raw)))
+    except OmegaConfBaseException as e:
+        raise _err("", _format_omegaconf_error(e, schema)) from None
+    except ValueError as e:
+        raise _err("", str(e).splitlines()[0]) from None
+    name = spec.name or default_name
+    if not name or any(c in name for c in "/\\ ") or name.startswith("."):
+        raise _err("name", f"{name!r} must be usable as a file name (no spaces or slashes)")
+    title = spec.title or name
+    caption = spec.caption or title
+    metrics = tuple(
+        Metric(m.key, m.label or m.key.replace("_", " "), m.decimals, m.better)
+        for m in spec.metrics
+    )
     if len({m.key for m in metrics}) != len(metrics):
         raise _err("metrics", "a metric key appears twice")
     metric_keys = {m.key for m in metrics}
-
-    column_key = _str(raw.get("column_key", "data.name"), "column_key")
-    cols_raw = raw.get("columns")
-    if not isinstance(cols_raw, list) or not cols_raw:
-        raise _err("columns", "must be a non-empty list (data sets)")
-    columns = []
-    for i, c in enumerate(cols_raw):
-        where = f"columns[{i}]"
-        if isinstance(c, str):
-            columns.append(Column(c, {column_key: c}))
-            continue
-        c = _mapping(c, where)
-        _keys(c, ("label", "select"), where)
-        columns.append(
-            Column(
-                _str(c.get("label"), f"{where}.label"), _select(c.get("select"), f"{where}.select")
-            )
-        )
+    columns = tuple(
+        Column(c.label, _select(c.select, f"columns[{i}].select"))
+        for i, c in enumerate(spec.columns)
+    )
     col_labels = [c.label for c in columns]
     if len(set(col_labels)) != len(col_labels):
         raise _err("columns", "a column label appears twice")
-
-    rows_raw = raw.get("rows")
-    if not isinstance(rows_raw, list) or not rows_raw:
-        raise _err("rows", "must be a non-empty list (methods)")
     rows = []
-    for i, r in enumerate(rows_raw):
+    for i, r in enumerate(spec.rows):
         where = f"rows[{i}]"
-        r = _mapping(r, where)
-        _keys(r, ("label", "runs", "sweep", "select", "seeds", "keys", "note"), where)
-        patterns: list[str] = []
-        if r.get("sweep") is not None:
-            patterns.append(f"sweeps/{_str(r['sweep'], f'{where}.sweep')}")
-        if r.get("runs") is not None:
-            patterns += _str_list(r["runs"], f"{where}.runs")
+        patterns = ([f"sweeps/{r.sweep}"] if r.sweep else []) + list(r.runs)
         for p in patterns:
             if Path(p).is_absolute() or ".." in Path(p).parts:
                 raise _err(f"{where}.runs", f"'{p}' must be a relative path under runs_root")
-        seeds = r.get("seeds")
-        if seeds is not None:
-            if (
-                not isinstance(seeds, list | tuple)
-                or not seeds
-                or any(isinstance(s, bool) or not isinstance(s, int) for s in seeds)
-            ):
-                raise _err(f"{where}.seeds", "must be a non-empty list of integers")
-            seeds = tuple(seeds)
-        keys = dict(_mapping(r.get("keys") or {}, f"{where}.keys"))
-        for k, v in keys.items():
+        for k in r.keys:
             if k not in metric_keys:
                 raise _err(
                     f"{where}.keys", f"'{k}' is not one of the metrics ({', '.join(metric_keys)})"
                 )
-            _str(v, f"{where}.keys.{k}")
+        if r.seeds is not None and not r.seeds:
+            raise _err(f"{where}.seeds", "must be a non-empty list of integers")
         rows.append(
             Row(
-                _str(r.get("label"), f"{where}.label"),
+                r.label,
                 tuple(patterns),
-                _select(r.get("select"), f"{where}.select"),
-                seeds,
-                keys,
-                _str(r.get("note"), f"{where}.note", optional=True),
+                _select(r.select, f"{where}.select"),
+                tuple(r.seeds) if r.seeds is not None else None,
+                dict(r.keys),
+                r.note,
             )
         )
-
     refs = []
-    for i, ref in enumerate(raw.get("references") or []):
+    for i, ref in enumerate(spec.references):
         where = f"references[{i}]"
-        ref = _mapping(ref, where)
-        _keys(ref, ("label", "status", "source", "values", "from_runs", "note"), where)
-        status = _status(ref.get("status"), f"{where}.status")
         values: dict[tuple[str, str], RefValue] = {}
-        for col, cell in _mapping(ref.get("values") or {}, f"{where}.values").items():
+        for col, cell in ref.values.items():
             cwhere = f"{where}.values.{col}"
             if col not in col_labels:
                 raise _err(cwhere, f"'{col}' is not a column; columns: {', '.join(col_labels)}")
@@ -348,43 +282,36 @@ def parse_table_spec(raw: Any, *, default_name: str | None = None) -> TableSpec:
                         f"{cwhere}.{mkey}", f"not one of the metrics ({', '.join(metric_keys)})"
                     )
                 if isinstance(v, Mapping):
-                    _keys(v, ("value", "status", "note"), f"{cwhere}.{mkey}")
+                    unknown = set(v) - {"value", "status", "note"}
+                    if unknown:
+                        raise _err(
+                            f"{cwhere}.{mkey}",
+                            f"unknown key '{sorted(unknown)[0]}'; valid: value, status, note",
+                        )
+                    status = v.get("status", ref.status)
+                    if status not in STATUS_MARKS:
+                        raise _err(f"{cwhere}.{mkey}.status", f"unknown status {status!r}")
                     values[(col, mkey)] = RefValue(
-                        _number(v.get("value"), f"{cwhere}.{mkey}.value"),
-                        _status(v.get("status", status), f"{cwhere}.{mkey}.status"),
-                        _str(v.get("note"), f"{cwhere}.{mkey}.note", optional=True),
+                        _number(v.get("value"), f"{cwhere}.{mkey}.value"), status, v.get("note")
                     )
                 else:
-                    values[(col, mkey)] = RefValue(_number(v, f"{cwhere}.{mkey}"), status)
-        from_runs = dict(_mapping(ref.get("from_runs") or {}, f"{where}.from_runs"))
-        for k, v in from_runs.items():
+                    values[(col, mkey)] = RefValue(_number(v, f"{cwhere}.{mkey}"), ref.status)
+        for k in ref.from_runs:
             if k not in metric_keys:
                 raise _err(f"{where}.from_runs", f"'{k}' is not one of the metrics")
-            _str(v, f"{where}.from_runs.{k}")
-        if not values and not from_runs:
-            raise _err(where, "needs values or from_runs")
         refs.append(
-            Reference(
-                _str(ref.get("label"), f"{where}.label"),
-                status,
-                _str(ref.get("source"), f"{where}.source", optional=True),
-                values,
-                from_runs,
-                _str(ref.get("note"), f"{where}.note", optional=True),
-            )
+            Reference(ref.label, ref.status, ref.source, values, dict(ref.from_runs), ref.note)
         )
-    notes = raw.get("notes")
-    notes = () if notes is None or notes == [] else _str_list(notes, "notes")
     return TableSpec(
         name,
         title,
         caption,
-        runs_root,
+        spec.runs_root,
         metrics,
-        tuple(columns),
+        columns,
         tuple(rows),
         tuple(refs),
-        tuple(notes),
+        tuple(spec.notes),
     )
 
 
@@ -439,6 +366,14 @@ def _lookup(config: Mapping[str, Any], dotted: str) -> Any:
     return node
 
 
+def _config_value(config: Mapping[str, Any], dotted: str, want: Any) -> Any:
+    """The value a select key compares: a named choice ``{name: vp, ...}`` compares by its name."""
+    have = _lookup(config, dotted)
+    if isinstance(have, Mapping) and "name" in have and not isinstance(want, Mapping):
+        return have["name"]
+    return have
+
+
 def _equal(a: Any, b: Any) -> bool:
     if isinstance(a, bool) or isinstance(b, bool):
         return a is b or (isinstance(a, bool) and isinstance(b, bool) and a == b)
@@ -456,7 +391,7 @@ def config_matches(config: Mapping[str, Any], select: Mapping[str, Any]) -> bool
     a key the config lacks never matches.
     """
     for key, want in select.items():
-        have = _lookup(config, key)
+        have = _config_value(config, key, want)
         if have is _MISSING:
             return False
         options = want["in"] if isinstance(want, Mapping) else [want]
@@ -465,39 +400,25 @@ def config_matches(config: Mapping[str, Any], select: Mapping[str, Any]) -> bool
     return True
 
 
-def _last_logged_iteration(path: Path) -> int | None:
-    try:
-        with open(path, "rb") as fh:
-            fh.seek(0, 2)
-            fh.seek(max(0, fh.tell() - 8192))
-            lines = fh.read().decode(errors="replace").splitlines()
-    except OSError:
-        return None
-    for line in reversed(lines):
-        try:
-            return int(json.loads(line)["iter"])
-        except (ValueError, KeyError, TypeError):
-            continue
-    return None
-
-
 def read_run_folder(path: Path) -> RunFolder | str:
     """A :class:`RunFolder`, or a one-line reason why ``path`` cannot be read as one."""
+    from cnf.rundir import RunDir
+
+    folder = RunDir(path)
     try:
-        cfg = OmegaConf.to_container(OmegaConf.load(path / "config.yaml"), resolve=True)
+        cfg = folder.read_config()
     except Exception as e:
         return f"{path}: config.yaml unreadable ({str(e).splitlines()[0] if str(e) else type(e).__name__})"
     if not isinstance(cfg, dict):
         return f"{path}: config.yaml is not a mapping"
     iters = _lookup(cfg, "train.iters")
-    final_path = path / "final.json"
-    if not final_path.is_file():
-        last = _last_logged_iteration(path / "metrics.jsonl")
+    if not folder.is_finished():
+        last = folder.last_logged_iteration()
         progress = f"; last logged iteration {last}" if last is not None else ""
         of = f" of {iters}" if last is not None and isinstance(iters, int) else ""
         return RunFolder(path, cfg, None, f"no final.json{progress}{of}")
     try:
-        final = json.loads(final_path.read_text())
+        final = folder.read_final()
         if not isinstance(final, dict):
             raise ValueError("not an object")
     except (OSError, ValueError) as e:
@@ -506,6 +427,28 @@ def read_run_folder(path: Path) -> RunFolder | str:
     if isinstance(done, int) and isinstance(iters, int) and done < iters:
         return RunFolder(path, cfg, None, f"final.json is from iteration {done} of {iters} (stale)")
     return RunFolder(path, cfg, final)
+
+
+# Config values that legitimately differ between the runs a cell aggregates.
+_VARYING = ("seed", "run", "track", "device", "eval.plots", "train.log_every", "train.ckpt_every",
+            "train.ckpt_minutes")
+
+
+def _cell_config_differences(runs: Sequence[RunFolder], select: Mapping[str, Any]) -> list[str]:
+    """``key (a, b)`` for every config value the runs of one cell disagree on, outside ``select``."""
+    from cnf.rundir import flatten_config
+
+    if len(runs) < 2:
+        return []
+    flat = [flatten_config(r.config) for r in runs]
+    out = []
+    for key in sorted(set().union(*flat)):
+        if key in select or any(key == p or key.startswith(p + ".") for p in _VARYING):
+            continue
+        values = {json.dumps(f.get(key, "<missing>"), sort_keys=True, default=str) for f in flat}
+        if len(values) > 1:
+            out.append(f"{key} ({', '.join(sorted(values))})")
+    return out
 
 
 def scan_runs(root: Path, patterns: Sequence[str] = ()) -> tuple[list[RunFolder], list[str]]:
@@ -607,6 +550,14 @@ def build_table(spec: TableSpec, runs_root: str | Path | None = None) -> Table:
             for r in matched:
                 if r.final is None:
                     unfinished.append(f"{row.label} × {col.label}: {r.path} ({r.problem})")
+            differ = _cell_config_differences(finished, select)
+            if differ:
+                warnings.append(
+                    f"{row.label} × {col.label}: the {len(finished)} runs differ in "
+                    + "; ".join(differ[:4])
+                    + (" ..." if len(differ) > 4 else "")
+                    + " (the table does not select on these; the caption may not describe every run)"
+                )
             if not matched:
                 missing.append(
                     f"{row.label} × {col.label}: no run folder under {where} "
@@ -708,152 +659,3 @@ def build_table(spec: TableSpec, runs_root: str | Path | None = None) -> Table:
         warnings,
         footnotes,
     )
-
-
-# -------------------------------------------------------------------- render
-def _fmt(v: float, decimals: int) -> str:
-    s = f"{v:.{decimals}f}"
-    return s[1:] if s.startswith("-") and float(s) == 0 else s  # no "-0.000"
-
-
-def _cell_md(cell: Cell, m: Metric, ours: bool) -> str:
-    if cell.mean is None:
-        return "—"
-    text = _fmt(cell.mean, m.decimals)
-    if ours:
-        if cell.std is not None:
-            text += f" ± {_fmt(cell.std, m.decimals)}"
-        text = f"**{text}**" if cell.bold else text
-        return f"{text} (n={cell.n})"
-    return text + cell.mark
-
-
-def _headers(table: Table) -> list[tuple[str, str, Metric]]:
-    return [(c.label, m.key, m) for c in table.spec.columns for m in table.spec.metrics]
-
-
-def _status_lines(table: Table) -> list[str]:
-    lines = []
-    for title, items in (
-        ("missing (no run folder)", table.missing),
-        ("unfinished (no usable final.json)", table.unfinished),
-        ("warnings", table.warnings),
-    ):
-        if items:
-            lines.append(f"{title}:")
-            lines += [f"  - {x}" for x in items]
-    return lines
-
-
-def render_markdown(table: Table) -> str:
-    """The table in markdown, its footnotes, and the status of the runs."""
-    spec = table.spec
-    multi = len(spec.metrics) > 1
-    heads = _headers(table)
-    header = ["method"] + [f"{c} {m.label}" if multi else c for c, _, m in heads]
-    lines = [f"### {spec.title}", "", "| " + " | ".join(header) + " |"]
-    lines.append("|---" + "|---:" * len(heads) + "|")
-    for label, ours in [(r, True) for r in table.rows] + [(r, False) for r in table.ref_rows]:
-        cells = [_cell_md(table.cells[(label, c, k)], m, ours) for c, k, m in heads]
-        lines.append("| " + " | ".join([label] + cells) + " |")
-    lines.append("")
-    lines.append(
-        "Our rows: mean ± std over seeds (n = finished runs; no ± when n = 1); "
-        "— = no finished run or no reference."
-    )
-    lines += [f"- {f}" for f in table.footnotes]
-    status = _status_lines(table)
-    if status:
-        lines += ["", "Run status:", ""] + status
-    else:
-        lines += ["", "Run status: every selected run is finished."]
-    return "\n".join(lines) + "\n"
-
-
-_LATEX_ESCAPES = {
-    "\\": r"\textbackslash{}",
-    "&": r"\&",
-    "%": r"\%",
-    "$": r"\$",
-    "#": r"\#",
-    "_": r"\_",
-    "{": r"\{",
-    "}": r"\}",
-    "~": r"\textasciitilde{}",
-    "^": r"\textasciicircum{}",
-    "±": r"$\pm$",
-    "†": r"$^\dagger$",
-    "‡": r"$^\ddagger$",
-    "—": "---",
-    "×": r"$\times$",
-    "²": r"$^2$",
-    "Δ": r"$\Delta$",
-}
-
-
-def latex_escape(text: str) -> str:
-    """Escape LaTeX specials and map the few non-ASCII symbols the tables use."""
-    return "".join(_LATEX_ESCAPES.get(ch, ch) for ch in text)
-
-
-def _cell_tex(cell: Cell, m: Metric, ours: bool) -> str:
-    if cell.mean is None:
-        return "---"
-    # One math group per cell: "$a$$^\dagger$" would open display math.
-    text = _fmt(cell.mean, m.decimals)
-    if not ours:
-        mark = {"†": r"^\dagger", "‡": r"^\ddagger"}.get(cell.mark, "")
-        return f"${text}{mark}$"
-    if cell.std is not None:
-        text += rf" \pm {_fmt(cell.std, m.decimals)}"
-    if cell.bold:
-        text = rf"\mathbf{{{text}}}"
-    return f"${text}$" + rf" {{\scriptsize({cell.n})}}"
-
-
-def render_latex(table: Table) -> str:
-    """A booktabs ``table`` environment (needs ``\\usepackage{booktabs}``)."""
-    spec = table.spec
-    nm, nc = len(spec.metrics), len(spec.columns)
-    heads = _headers(table)
-    lines = [
-        f"% generated by experiments/tables.py from the table spec '{spec.name}'",
-        r"% needs \usepackage{booktabs}",
-        r"\begin{table}[t]",
-        r"\centering",
-        rf"\caption{{{latex_escape(spec.caption)}}}",
-        rf"\label{{tab:{spec.name}}}",
-        r"\begin{tabular}{l" + ("".join(" " + "r" * nm for _ in range(nc))) + "}",
-        r"\toprule",
-    ]
-    if nm > 1:
-        groups = " & ".join(
-            rf"\multicolumn{{{nm}}}{{c}}{{{latex_escape(c.label)}}}" for c in spec.columns
-        )
-        lines.append(f" & {groups} \\\\")
-        lines.append(
-            "".join(rf"\cmidrule(lr){{{2 + i * nm}-{1 + (i + 1) * nm}}}" for i in range(nc))
-        )
-        lines.append("Method & " + " & ".join(latex_escape(m.label) for _, _, m in heads) + r" \\")
-    else:
-        lines.append("Method & " + " & ".join(latex_escape(c) for c, _, _ in heads) + r" \\")
-    lines.append(r"\midrule")
-    for label in table.rows:
-        cells = [_cell_tex(table.cells[(label, c, k)], m, True) for c, k, m in heads]
-        lines.append(" & ".join([latex_escape(label)] + cells) + r" \\")
-    if table.ref_rows:
-        lines.append(r"\midrule")
-        for label in table.ref_rows:
-            cells = [_cell_tex(table.cells[(label, c, k)], m, False) for c, k, m in heads]
-            lines.append(" & ".join([latex_escape(label)] + cells) + r" \\")
-    lines += [r"\bottomrule", r"\end{tabular}"]
-    notes = ["Ours: mean $\\pm$ std over seeds, number of finished runs in parentheses."] + [
-        latex_escape(f) for f in table.footnotes
-    ]
-    lines.append(r"\par\smallskip{\footnotesize " + r" \\ ".join(notes) + "}")
-    lines.append(r"\end{table}")
-    for x in table.missing:
-        lines.append(f"% missing: {x}")
-    for x in table.unfinished:
-        lines.append(f"% unfinished: {x}")
-    return "\n".join(lines) + "\n"

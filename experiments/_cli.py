@@ -11,12 +11,23 @@ from typing import Any
 # The entry points run from a checkout without installation too.
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
+import warnings  # noqa: E402
+
 from cnf.config import ConfigError  # noqa: E402
 from cnf.data import DataError  # noqa: E402
-from cnf.solve import SolverConfig  # noqa: E402, F401
-from cnf.train.loop import NonFiniteError, RunFolderError  # noqa: E402
+from cnf.rundir import RunFolderError  # noqa: E402
+from cnf.settings import SettingsError  # noqa: E402
+from cnf.train.loop import NonFiniteError  # noqa: E402
 
-USER_ERRORS = (ConfigError, DataError, RunFolderError)
+USER_ERRORS = (ConfigError, DataError, RunFolderError, SettingsError)
+
+
+def _one_line_warning(message, category, filename, lineno, file=None, line=None):  # noqa: ANN001, ANN202
+    print(f"warning: {message}", file=sys.stderr if file is None else file)
+
+
+# Warnings (e.g. a config key of the previous release) are one line, as errors are.
+warnings.showwarning = _one_line_warning
 EXIT_USAGE = 2
 EXIT_NONFINITE = 1
 EXIT_INTERRUPTED = 3

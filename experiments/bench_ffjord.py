@@ -31,7 +31,8 @@ import torch  # noqa: E402
 from cnf.config import load_config  # noqa: E402
 from cnf.data import batch_rng, build_dataset  # noqa: E402
 from cnf.models import build_model  # noqa: E402
-from cnf.train.loop import evaluate_split, iteration_seed  # noqa: E402
+from cnf.evaluation import evaluate_points, summarize  # noqa: E402
+from cnf.train.loop import iteration_seed  # noqa: E402
 
 ORIGINAL = [
     "model.hidden_dims=[64,64,64]",
@@ -40,7 +41,7 @@ ORIGINAL = [
     "model.zero_init=false",
     "model.time_length=0.5",
     "model.divergence=exact",
-    "model.solver.method=dopri5",
+    "model.solver.name=dopri5",
     "model.solver.rtol=1e-5",
     "model.solver.atol=1e-5",
     "model.kinetic=0.0",
@@ -83,9 +84,12 @@ def run(overrides: list[str], iters: int, checkpoints: tuple[int, ...], num_test
             sched.step()
         times.append(time.perf_counter() - t0)
         nfe_f.append(loss.stats["nfe_forward"])
-        nfe_b.append(model.backward_stats()["nfe_backward"])
+        nfe_b.append(loss.after_backward()["nfe_backward"])
         if it in checkpoints:
-            ev = evaluate_split(model, data.test, batch_size=len(data.test), seed=cfg.eval.seed)
+            result = evaluate_points(
+                model, data.test, data, batch_size=len(data.test), seed=cfg.eval.seed
+            )
+            ev = summarize(result, data)
             out[it] = {
                 "sec_per_iter": float(np.mean(times)),
                 "nfe_forward": int(np.mean(nfe_f[-10:])),

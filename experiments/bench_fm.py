@@ -32,11 +32,11 @@ os.environ.setdefault("OMP_NUM_THREADS", "1")
 import _cli  # noqa: E402  (puts the repo on sys.path)
 import numpy as np  # noqa: E402
 import torch  # noqa: E402
+from cnf.rundir import load_run  # noqa: E402
 
 from cnf.data import Dataset  # noqa: E402
 from cnf.data.toy import TOY_DATASETS  # noqa: E402
 from cnf.metrics import mmd2_rbf  # noqa: E402
-from cnf.runs import load_run  # noqa: E402
 from cnf.solve import ADAPTIVE_METHODS  # noqa: E402
 
 
@@ -99,7 +99,9 @@ def main() -> int:
         for setting in settings:
             gen = torch.Generator().manual_seed(args.seed)
             t0 = time.perf_counter()
-            samples, stats = run.model.sample(args.num_samples, cost=setting, generator=gen)
+            samples, stats = run.model.sample(
+                args.num_samples, run.model.with_settings(setting), generator=gen
+            )
             seconds = time.perf_counter() - t0
             flat = samples.detach().double().cpu().reshape(args.num_samples, -1)
             row["settings"][label(setting)] = {

@@ -15,15 +15,19 @@ torch.Generator).
 GRID is a YAML file (a list of settings) or an inline spec; without --grid
 each model uses its own ``default_cost_grid()``.
 
-Writes to --out (default: RUN_DIR/cost_curve for one run, otherwise
-runs/cost_curve/<timestamp>):
+Writes to --out (default: RUN_DIR/cost_curve-<digest of the settings> for one
+run, otherwise runs/cost_curve/<timestamp>-<digest>; a folder holding results
+of other settings is never overwritten):
+  provenance.json   the runs, grid, sizes and seed that made the results
   cost_curve.jsonl  one line per model x setting: run_dir, model, family,
-                    dataset, iteration, setting, label, objective, nll/nelbo
+                    dataset, iteration, setting (as given), settings (every
+                    resolved setting), label, objective, nll/nelbo
                     (+ _stderr), objective_minus_ref (+ _stderr, paired vs the
                     model's most expensive setting), eval_nfe, eval_seconds,
                     sample_nfe, sample_seconds, sample_mmd2, mmd_kernel,
                     sample_data_logp, sample_support_fraction,
-                    sample_finite_fraction, entropy, gap, num_test,
+                    sample_finite_fraction, floor, gap (+ _stderr, paired),
+                    entropy, num_points, batch_size, num_test,
                     num_samples, seed, units
   cost_curve.png    objective vs NFE and MMD² vs NFE, one line per model
   cost_curve.md     the markdown table (also printed)
@@ -32,6 +36,7 @@ runs/cost_curve/<timestamp>):
 from __future__ import annotations
 
 import argparse
+import hashlib
 import json
 import sys
 import time
@@ -39,19 +44,18 @@ from pathlib import Path
 from typing import Any
 
 import _cli
-import numpy as np
+from reporting import cost_curve_markdown, plot_cost_curve
 
 from cnf.cost import (
     GRID_SYNTAX,
     CostGridError,
     check_cost_grid,
     cost_curve,
-    cost_curve_markdown,
     load_cost_grid,
     normalize_cost_grid,
-    plot_cost_curve,
+    typed_grid,
 )
-from cnf.runs import load_run
+from cnf.rundir import load_run
 from cnf.train.checkpoint import atomic_write_text
 
 
@@ -61,10 +65,15 @@ def model_labels(run_dirs: list[Path]) -> list[str]:
     return [f"{p.parent.name}/{p.name}" if names.count(p.name) > 1 else p.name for p in run_dirs]
 
 
-def default_out(run_dirs: list[Path]) -> Path:
+def settings_digest(provenance: dict[str, Any]) -> str:
+    return hashlib.sha1(json.dumps(provenance, sort_keys=True, default=str).encode()).hexdigest()[:8]
+
+
+def default_out(run_dirs: list[Path], digest: str) -> Path:
+    """``RUN_DIR/cost_curve-<digest of the settings>`` for one run: another grid never overwrites it."""
     if len(run_dirs) == 1:
-        return run_dirs[0] / "cost_curve"
-    return Path("runs") / "cost_curve" / time.strftime("%Y%m%d-%H%M%S")
+        return run_dirs[0] / f"cost_curve-{digest}"
+    return Path("runs") / "cost_curve" / f"{time.strftime('%Y%m%d-%H%M%S')}-{digest}"
 
 
 def main() -> int:
@@ -101,7 +110,22 @@ def main() -> int:
     grid = load_cost_grid(args.grid) if args.grid is not None else None
     run_dirs = [Path(p) for p in args.run_dirs]
     labels = model_labels(run_dirs)
-    out = Path(args.out) if args.out else default_out(run_dirs)
+    provenance = {
+        "runs": [str(p) for p in run_dirs],
+        "grid": grid,
+        "num_test": args.num_test,
+        "num_samples": args.num_samples,
+        "seed": args.seed,
+        "batch_size": args.batch_size,
+    }
+    digest = settings_digest(provenance)
+    out = Path(args.out) if args.out else default_out(run_dirs, digest)
+    previous = out / "provenance.json"
+    if previous.is_file() and json.loads(previous.read_text()).get("digest") != digest:
+        raise CostGridError(
+            f"--out {out} holds a cost curve made with other settings "
+            f"(see {previous}); choose another --out"
+        )
     if args.dry_run:
         print("runs:", *[str(p) for p in run_dirs], sep="\n  ")
         print("grid:", *(grid or ["(each model's default_cost_grid())"]), sep="\n  ")
@@ -112,10 +136,7 @@ def main() -> int:
     # Every run loads and accepts every setting before any expensive work starts.
     for run in runs:
         run_grid = grid if grid is not None else normalize_cost_grid(run.model.default_cost_grid())
-        points, transform = run.data.test[:2], getattr(run.data, "eval_transform", None)
-        if transform is not None:
-            points = transform(points, np.random.default_rng(0))
-        check_cost_grid(run.model, run_grid, points)
+        check_cost_grid(run.model, typed_grid(run.model, run_grid), run.data)
     records: list[dict[str, Any]] = []
     for run, label in zip(runs, labels):
         print(
@@ -143,6 +164,7 @@ def main() -> int:
         records += [{**info, **r} for r in recs]
 
     out.mkdir(parents=True, exist_ok=True)
+    atomic_write_text(previous, json.dumps({**provenance, "digest": digest}, indent=2) + "\n")
     atomic_write_text(out / "cost_curve.jsonl", "".join(json.dumps(r) + "\n" for r in records))
     table = cost_curve_markdown(records)
     atomic_write_text(out / "cost_curve.md", table)

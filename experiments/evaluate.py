@@ -1,10 +1,15 @@
-"""Re-evaluate a finished or interrupted run on its test set.
+"""Re-evaluate a finished or interrupted run on its test (or validation) set.
 
-    python experiments/evaluate.py RUN_DIR [dotted.key=value ...]
+    python experiments/evaluate.py RUN_DIR [dotted.key=value ...] [--split test|val]
 
-Overrides change evaluation only (e.g. ``eval.solver.rtol=1e-7``,
-``eval.divergence=hutchinson``, ``eval.num_probes=4``). Prints the metrics and
-writes them to ``RUN_DIR/eval-<iteration>.json``; ``final.json`` is left as
+Overrides change evaluation only — ``eval.*`` (e.g. ``eval.solver.rtol=1e-7``,
+``eval.divergence.name=hutchinson``, ``eval.divergence.num_probes=4``),
+``device`` and ``data.test_size``; any other key (``train.lr``,
+``model.hidden_dims``, ...) would describe another model and is refused with
+one ``error:`` line (exit 2). Prints the metrics as JSON and appends them, with
+the full settings that produced them (solver, tolerances or steps,
+divergence, probes, number of points, seed), to ``RUN_DIR/evals.jsonl``:
+earlier results are never overwritten, and ``final.json`` is left as
 training wrote it.
 """
 
@@ -16,9 +21,14 @@ import time
 
 import _cli
 
-from cnf.runs import load_run
-from cnf.train.checkpoint import atomic_write_text
-from cnf.train.loop import bpd_metrics, evaluate_split, sample_statistics
+from cnf.evaluation import (
+    draw_samples,
+    evaluate_points,
+    sample_statistics,
+    settings_record,
+    summarize,
+)
+from cnf.rundir import RunDir, load_run
 
 
 def main() -> int:
@@ -26,40 +36,39 @@ def main() -> int:
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
     parser.add_argument("run_dir")
-    parser.add_argument("overrides", nargs="*", help="dotted.key=value (eval.* keys)")
+    parser.add_argument(
+        "overrides", nargs="*", help="dotted.key=value (eval.*, device, data.test_size)"
+    )
     parser.add_argument("--split", choices=("test", "val"), default="test")
     args = parser.parse_args()
     _cli.setup_threads()
     run = load_run(args.run_dir, args.overrides)
     cfg = run.cfg
     t0 = time.perf_counter()
-    data = run.data.test if args.split == "test" else run.data.val
-    res = evaluate_split(
-        run.model,
-        data,
-        batch_size=cfg.eval.batch_size,
-        seed=cfg.eval.seed,
-        transform=run.data.eval_transform,
+    points = run.data.test if args.split == "test" else run.data.val
+    result = evaluate_points(
+        run.model, points, run.data, batch_size=cfg.eval.batch_size, seed=cfg.eval.seed
     )
     out = {"iteration": run.iteration, "split": args.split, "units": "nats per sample"}
-    out.update({f"{args.split}_{k}": v for k, v in res.items()})
-    if run.data.entropy is not None and f"{args.split}_nll" in out:
-        out["entropy"], out["entropy_stderr"] = run.data.entropy
-        out["gap"] = out[f"{args.split}_nll"] - out["entropy"]
-    out.update(bpd_metrics(out, run.data, prefix=f"{args.split}_"))
+    out.update(summarize(result, run.data, prefix=f"{args.split}_"))
     if cfg.eval.num_samples > 0:
-        import torch
-
-        with torch.random.fork_rng():
-            torch.manual_seed(cfg.eval.seed)
-            samples, stats = run.model.sample(cfg.eval.num_samples)
-        out["sample_nfe"] = stats.get("nfe")
-        out.update(sample_statistics(samples.detach().cpu().numpy(), run.data))
+        samples, nfe, _ = draw_samples(run.model, cfg.eval.num_samples, seed=cfg.eval.seed)
+        out["sample_nfe"] = nfe
+        out.update(sample_statistics(samples, run.data))
     out["eval_seconds"] = time.perf_counter() - t0
-    path = run.run_dir / f"eval-{run.iteration}.json"
-    atomic_write_text(path, json.dumps(out, indent=2) + "\n")
+    out["eval"] = settings_record(
+        run.model.settings,
+        num_points=len(points),
+        batch_size=cfg.eval.batch_size,
+        seed=cfg.eval.seed,
+        num_samples=cfg.eval.num_samples,
+        overrides=list(args.overrides),
+        time=time.strftime("%Y-%m-%dT%H:%M:%S"),
+    )
+    folder = RunDir(run.run_dir)
+    folder.append_eval(out)
     print(json.dumps(out, indent=2))
-    print(f"written to {path}")
+    print(f"appended to {folder.file(RunDir.EVALS)}")
     return 0
 
 

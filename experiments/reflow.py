@@ -27,8 +27,8 @@ import _cli
 import torch
 
 from cnf.diffusion.flow_matching import save_pairs
-from cnf.models.flow_matching import FlowMatchingModel
-from cnf.runs import load_run
+from cnf.models.fm import FlowMatchingModel
+from cnf.rundir import load_run
 
 
 def main() -> int:
@@ -58,8 +58,9 @@ def main() -> int:
     gen = torch.Generator(device=run.model.device).manual_seed(args.seed)
     t0 = time.perf_counter()
     try:
+        settings = run.model.with_settings(cost)
         x0, x1, stats = run.model.reflow_pairs(
-            args.num_pairs, cost=cost, generator=gen, batch_size=args.batch_size
+            args.num_pairs, settings, generator=gen, batch_size=args.batch_size
         )
     except ValueError as e:
         _cli.fail(str(e).splitlines()[0])

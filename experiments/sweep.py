@@ -152,10 +152,10 @@ def run_local(sweep, runs, statuses, *, jobs: int) -> int:
 # ------------------------------------------------------------------- SLURM
 def submit_slurm(sweep, runs, statuses, *, dry_run: bool) -> int:
     import hashlib
-    import subprocess
 
-    from cnf.sweep import SweepError, manifest_text, render_sbatch
+    from cnf.sweep import manifest_text
     from cnf.train.checkpoint import atomic_write_text
+    from slurm.launch import parse_slurm, render_sbatch, submit
 
     folder = sweep.folder.absolute()
     todo = [r.index for r, st in zip(runs, statuses) if st in ("new", "partial")]
@@ -164,19 +164,21 @@ def submit_slurm(sweep, runs, statuses, *, dry_run: bool) -> int:
     if not todo:
         print("nothing to submit: every run is finished, running or in conflict")
         return 0
+    slurm = parse_slurm(sweep.slurm, str(sweep.path))
     text = manifest_text(runs, sweep.base)
     # Named by content: a relaunch of the same sweep reuses it, and tasks of an
     # earlier array keep reading the file they were submitted with.
     manifest = folder / f"runs-{hashlib.sha1(text.encode()).hexdigest()[:8]}.jsonl"
     script_path = folder / "sweep.sbatch"
-    template_path = TEMPLATES / f"{sweep.slurm.kind}.sbatch.tmpl"
+    template_path = TEMPLATES / f"{slurm.kind}.sbatch.tmpl"
     script = render_sbatch(
         template_path.read_text(),
         sweep,
+        slurm,
         todo,
         manifest=manifest,
         workdir=REPO,
-        python=sweep.slurm.python or sys.executable,
+        python=slurm.python or sys.executable,
         log_dir=folder / "logs",
     )
     if dry_run:
@@ -190,22 +192,7 @@ def submit_slurm(sweep, runs, statuses, *, dry_run: bool) -> int:
     if not manifest.is_file() or manifest.read_text() != text:
         atomic_write_text(manifest, text)
     atomic_write_text(script_path, script)
-    try:
-        out = subprocess.run(
-            ["sbatch", "--parsable", str(script_path)],
-            capture_output=True,
-            text=True,
-            timeout=120,
-            check=False,
-        )
-    except FileNotFoundError:
-        raise SweepError("sbatch not found: run --slurm on a SLURM login node") from None
-    except subprocess.TimeoutExpired:
-        raise SweepError("sbatch did not answer within 120 s") from None
-    if out.returncode != 0:
-        msg = (out.stderr or out.stdout).strip().splitlines()
-        raise SweepError(f"sbatch failed: {msg[-1] if msg else f'exit {out.returncode}'}")
-    job_id = out.stdout.strip().split(";")[0]
+    job_id = submit(script_path)
     with open(folder / "jobs.txt", "a") as fh:
         fh.write(f"{job_id} {script_path.name} {manifest.name} tasks={','.join(map(str, todo))}\n")
     print(f"submitted job array {job_id}: {len(todo)} task(s), logs {_shown(folder / 'logs')}")
@@ -237,10 +224,14 @@ def main() -> int:
     import _cli
 
     from cnf.sweep import SweepError, load_sweep, plan, run_status
+    from slurm.launch import SlurmError, check_time_quoted, parse_slurm
 
     _cli.setup_threads()
     try:
+        text = Path(args.sweep).read_text() if Path(args.sweep).is_file() else ""
+        check_time_quoted(text, args.sweep)
         sweep = load_sweep(args.sweep, search=[REPO, Path.cwd()], runs_root=args.runs_root)
+        parse_slurm(sweep.slurm, str(sweep.path))  # a bad slurm section stops every mode
         runs = plan(sweep)
         statuses = [run_status(r) for r in runs]
         print_plan(sweep, runs, statuses)
@@ -249,7 +240,7 @@ def main() -> int:
         if args.local and not args.dry_run:
             return run_local(sweep, runs, statuses, jobs=args.jobs)
         return 0
-    except SweepError as e:
+    except (SweepError, SlurmError) as e:
         _cli.fail(str(e), EXIT_USAGE)
     return 0
 

@@ -25,8 +25,9 @@ import argparse
 from pathlib import Path
 
 import _cli
+from reporting import render_latex, render_markdown
 
-from cnf.tables import build_table, load_table_spec, render_latex, render_markdown
+from cnf.tables import build_table, load_table_spec
 from cnf.train.checkpoint import atomic_write_text
 
 

@@ -26,7 +26,6 @@ for _sig in (signal.SIGTERM, signal.SIGUSR1):
     signal.signal(_sig, lambda signum, _frame: _EARLY_SIGNALS.append(signal.Signals(signum).name))
 
 import argparse  # noqa: E402
-import json  # noqa: E402
 import os  # noqa: E402
 
 import _cli  # noqa: E402
@@ -34,18 +33,15 @@ from omegaconf import OmegaConf  # noqa: E402
 
 from cnf.config import load_config  # noqa: E402
 from cnf.train import distributed  # noqa: E402
-from cnf.train.checkpoint import atomic_write_text  # noqa: E402
 from cnf.train.loop import Trainer  # noqa: E402
-
-WANDB_ID_FILE = "wandb_id.txt"
 
 
 def make_tracker(cfg, trainer: Trainer):
     """The W&B mirror of metrics.jsonl (None when disabled, and on ranks other than 0).
 
-    The run id is kept in the checkpoint and in ``RUN_DIR/wandb_id.txt`` (written
-    at once, so a run pre-empted before its first checkpoint keeps its id) and
-    reused with ``resume="allow"`` when the run resumes.
+    The run id is kept in the checkpoint and in the run folder's ``wandb_id.txt``
+    (written at once, so a run pre-empted before its first checkpoint keeps its
+    id) and reused with ``resume="allow"`` when the run resumes.
     """
     from cnf.train.tracking import WandbTracker, wandb_mode
 
@@ -55,9 +51,8 @@ def make_tracker(cfg, trainer: Trainer):
     if mode != cfg.track.wandb:
         print(f"W&B: track.wandb={cfg.track.wandb} but no API key is configured; logging {mode}")
     os.environ.setdefault("WANDB_SILENT", "true")
-    id_file = trainer.run_dir / WANDB_ID_FILE
-    if trainer.wandb_id is None and id_file.is_file():
-        trainer.wandb_id = id_file.read_text().strip() or None
+    if trainer.wandb_id is None:
+        trainer.wandb_id = trainer.folder.read_wandb_id()
     tracker = WandbTracker(
         run_dir=trainer.run_dir,
         mode=mode,
@@ -72,37 +67,52 @@ def make_tracker(cfg, trainer: Trainer):
     )
     trainer.wandb_id = tracker.run_id
     if trainer.wandb_id:
-        atomic_write_text(id_file, trainer.wandb_id + "\n")
+        trainer.folder.write_wandb_id(trainer.wandb_id)
     return tracker
 
 
 def write_plots(trainer: Trainer, final: dict) -> list[str]:
-    from cnf.plotting import density_on_grid, save_density_plot, save_samples_plot
+    from reporting import (
+        data_window,
+        density_on_grid,
+        save_density_plot,
+        save_image_grid,
+        save_samples_plot,
+    )
 
     made = []
     data = trainer.data
-    if data.image_shape is not None and trainer.cfg.eval.plots:
-        if getattr(trainer, "samples", None) is not None:
-            from cnf.plotting import save_image_grid
-
+    if not trainer.cfg.eval.plots:
+        return made
+    samples = getattr(trainer, "samples", None)
+    if data.image_shape is not None:
+        if samples is not None:
             save_image_grid(
-                trainer.samples.numpy(),
+                samples.numpy(),
                 trainer.run_dir / "samples.png",
                 image_shape=data.image_shape,
+                title=f"{data.name}, iteration {trainer.iteration}",
             )
             made.append("samples.png")
         return made
-    if data.event_shape != (2,) or not trainer.cfg.eval.plots:
+    if data.event_shape != (2,):
         return made
-    xs, dens, mass = density_on_grid(trainer.eval_model, seed=trainer.cfg.eval.seed)
+    window = data_window(data.test)
+    xs, ys, dens, mass = density_on_grid(trainer.eval_model, window, seed=trainer.cfg.eval.seed)
     final["density_mass_on_grid"] = mass
+    score = ""
+    if "test_nll" in final:
+        score = f", test NLL {final['test_nll']:.3f}"
+    elif "test_nelbo" in final:
+        score = f", test NELBO {final['test_nelbo']:.3f}"
+    title = f"{data.name}, iteration {trainer.iteration}{score}"
     save_density_plot(
-        xs, dens, trainer.run_dir / "density.png", title=f"model density (mass {mass:.3f})"
+        xs, ys, dens, trainer.run_dir / "density.png", title=f"model density ({title}; mass {mass:.3f})"
     )
     made.append("density.png")
-    if getattr(trainer, "samples", None) is not None:
+    if samples is not None:
         save_samples_plot(
-            trainer.samples.numpy(), trainer.run_dir / "samples.png", data=trainer.data.test
+            samples.numpy(), trainer.run_dir / "samples.png", window, title=title, data=data.test
         )
         made.append("samples.png")
     return made
@@ -170,7 +180,7 @@ def train(cfg, info: distributed.DistInfo) -> int:
     final = trainer.final_metrics()
     plots = write_plots(trainer, final)
     if "density_mass_on_grid" in final:
-        atomic_write_text(trainer.run_dir / "final.json", json.dumps(final, indent=2) + "\n")
+        trainer.folder.write_final(final)
     if tracker is not None:
         tracker.summary(final)
         if plots:
@@ -193,8 +203,11 @@ def format_final(final: dict) -> str:
     lines = [f"trained {final['iterations']} iterations in {final['train_seconds']:.1f} s"]
     if "test_nll" in final:
         s = f"test NLL {final['test_nll']:.4f} ± {final['test_nll_stderr']:.4f} nats ({_cost(final.get('test_nfe'))})"
-        if "entropy" in final:
-            s += f"; data entropy (floor) {final['entropy']:.4f} ± {final['entropy_stderr']:.4f}; gap {final['gap']:.4f}"
+        if "floor" in final:
+            s += (
+                f"; floor of these test points {final['floor']:.4f}; "
+                f"gap {final['gap']:.4f} ± {final['gap_stderr']:.4f} (paired; the KL to the data)"
+            )
         lines.append(s)
     if "test_nelbo" in final:
         lines.append(

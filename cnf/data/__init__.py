@@ -14,6 +14,7 @@ training split's statistics by default) and the five MAF benchmarks
 
 from __future__ import annotations
 
+import functools
 import zlib
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -25,11 +26,15 @@ from cnf.data.files import DataError, load_array, split_array
 from cnf.data.images import IMAGE_DATASETS, bpd_offset, dequantize
 from cnf.data.tabular import TABULAR_DATASETS, load_tabular
 from cnf.data.toy import TOY_DATASETS, toy_entropy, toy_log_density
+from cnf.registry import Registry
 
 __all__ = [
     "DataError",
     "Dataset",
     "DATASETS",
+    "DatasetSpec",
+    "dataset_kind",
+    "dataset_needs_path",
     "build_dataset",
     "dataset_from_config",
     "batch_rng",
@@ -210,12 +215,46 @@ def _image(
     )
 
 
-DATASETS: dict[str, Callable[..., Dataset]] = {
-    **{k: (lambda _k=k, **kw: _toy(_k, **kw)) for k in TOY_DATASETS},
-    "file": lambda **kw: _file("file", **kw),
-    **{k: (lambda _k=k, **kw: _tabular(_k, **kw)) for k in TABULAR_DATASETS},
-    **{k: (lambda _k=k, **kw: _image(_k, **kw)) for k in IMAGE_DATASETS},
-}
+@dataclass(frozen=True)
+class DatasetSpec:
+    """A registered data set: its builder, its kind and whether it reads files.
+
+    Attributes:
+        build: ``(**data options) -> Dataset``.
+        kind: ``toy`` | ``tabular`` | ``image``.
+        needs_path: The data come from ``data.path`` (nothing is downloaded).
+    """
+
+    build: Callable[..., Dataset]
+    kind: str
+    needs_path: bool = False
+
+
+DATASETS: Registry[DatasetSpec] = Registry(
+    "data set",
+    {
+        **{k: DatasetSpec(functools.partial(_toy, k), "toy") for k in TOY_DATASETS},
+        "file": DatasetSpec(functools.partial(_file, "file"), "tabular", needs_path=True),
+        **{
+            k: DatasetSpec(functools.partial(_tabular, k), "tabular", needs_path=True)
+            for k in TABULAR_DATASETS
+        },
+        **{
+            k: DatasetSpec(functools.partial(_image, k), "image", needs_path=k != "digits")
+            for k in IMAGE_DATASETS
+        },
+    },
+)
+
+
+def dataset_kind(name: str, *, flatten: bool = True) -> str:
+    """``image`` for image data kept as ``(C, H, W)``, else ``vector``."""
+    return "image" if DATASETS[name].kind == "image" and not flatten else "vector"
+
+
+def dataset_needs_path(name: str) -> bool:
+    """Whether the data set reads its files from ``data.path``."""
+    return DATASETS[name].needs_path
 
 
 def build_dataset(
@@ -236,9 +275,11 @@ def build_dataset(
     the training split's mean and divide by its std (``Dataset.nll_offset``
     then converts NLLs back to the file's units).
     """
-    if name not in DATASETS:
-        raise DataError(f"unknown dataset '{name}'; valid: {', '.join(sorted(DATASETS))}")
-    return DATASETS[name](
+    try:
+        spec = DATASETS[name]
+    except ValueError as e:
+        raise DataError(str(e)) from None
+    return spec.build(
         path=path,
         test_size=test_size,
         val_size=val_size,
@@ -257,5 +298,5 @@ def dataset_from_config(cfg: Any) -> Dataset:
         val_size=cfg.data.val_size,
         batch_size=cfg.train.batch_size,
         flatten=cfg.data.flatten,
-        standardize=getattr(cfg.data, "standardize", True),
+        standardize=cfg.data.standardize,
     )

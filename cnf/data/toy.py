@@ -17,9 +17,14 @@ import math
 from collections.abc import Callable
 
 import numpy as np
-from sklearn import datasets as skd
 
 Sampler = Callable[[np.random.Generator, int], np.ndarray]
+
+
+def _sklearn():  # noqa: ANN202 - imported on first use: ``import cnf`` stays light
+    from sklearn import datasets
+
+    return datasets
 
 
 def _seed(rng: np.random.Generator) -> int:
@@ -27,17 +32,17 @@ def _seed(rng: np.random.Generator) -> int:
 
 
 def swissroll(rng: np.random.Generator, n: int) -> np.ndarray:
-    x = skd.make_swiss_roll(n_samples=n, noise=1.0, random_state=_seed(rng))[0]
+    x = _sklearn().make_swiss_roll(n_samples=n, noise=1.0, random_state=_seed(rng))[0]
     return x[:, [0, 2]] / 5.0
 
 
 def circles(rng: np.random.Generator, n: int) -> np.ndarray:
-    x = skd.make_circles(n_samples=n, factor=0.5, noise=0.08, random_state=_seed(rng))[0]
+    x = _sklearn().make_circles(n_samples=n, factor=0.5, noise=0.08, random_state=_seed(rng))[0]
     return x * 3.0
 
 
 def moons(rng: np.random.Generator, n: int) -> np.ndarray:
-    x = skd.make_moons(n_samples=n, noise=0.1, random_state=_seed(rng))[0]
+    x = _sklearn().make_moons(n_samples=n, noise=0.1, random_state=_seed(rng))[0]
     return x * 2.0 + np.array([-1.0, -0.2])
 
 

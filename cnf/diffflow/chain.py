@@ -61,6 +61,7 @@ from typing import Protocol
 
 import torch
 from torch import Tensor
+
 from cnf.registry import Registry
 
 __all__ = [

@@ -1,4 +1,4 @@
-"""Diffusion machinery and simulation-free CNF training (DESIGN.md §1.3, §1.6).
+"""Diffusion machinery and simulation-free CNF training (docs/methods.md §3, §6).
 
 Time convention: data at t = 0, noise at t = 1.
 """
@@ -16,17 +16,25 @@ from cnf.diffusion.flow_matching import (
     straight_path,
     transport_cost,
 )
-from cnf.diffusion.likelihood import CORRECTIONS, ProbabilityFlow, probability_flow_nll
+from cnf.diffusion.likelihood import (
+    CORRECTIONS,
+    ProbabilityFlow,
+    probability_flow_cnf,
+    probability_flow_nll,
+)
 from cnf.diffusion.nets import (
     PARAMETERIZATIONS,
+    SCORE_NETS,
     TIME_EMBEDDINGS,
-    ScoreMLP,
     ScoreNetwork,
+    build_time_embedding,
     output_to_score,
+    score_mlp,
     score_to_output,
 )
 from cnf.diffusion.samplers import (
-    SAMPLERS,
+    SCORE_SAMPLERS,
+    SamplerOptions,
     euler_maruyama,
     predictor_corrector,
     probability_flow_sample,
@@ -34,16 +42,19 @@ from cnf.diffusion.samplers import (
 )
 from cnf.diffusion.score import WEIGHTINGS, decoder_constant, dsm_loss, nelbo, prior_kl
 from cnf.diffusion.sde import SDES, VESDE, VPSDE, LinearSDE, SubVPSDE, build_sde
-from cnf.diffusion.unet import UNet
+from cnf.diffusion.unet import UNet  # registers the "unet" score network
 
 __all__ = [
     "CORRECTIONS",
     "LinearSDE",
+    "OT_SOLVERS",
+    "PAIRINGS",
     "PARAMETERIZATIONS",
     "ProbabilityFlow",
-    "SAMPLERS",
+    "SCORE_NETS",
+    "SCORE_SAMPLERS",
     "SDES",
-    "ScoreMLP",
+    "SamplerOptions",
     "ScoreNetwork",
     "SubVPSDE",
     "TIME_EMBEDDINGS",
@@ -52,26 +63,27 @@ __all__ = [
     "VPSDE",
     "WEIGHTINGS",
     "build_sde",
+    "build_time_embedding",
+    "cfm_loss",
     "decoder_constant",
     "dsm_loss",
     "euler_maruyama",
-    "nelbo",
-    "output_to_score",
-    "predictor_corrector",
-    "prior_kl",
-    "probability_flow_nll",
-    "probability_flow_sample",
-    "score_to_output",
-    "sdeint_sample",
-    "OT_SOLVERS",
-    "PAIRINGS",
-    "cfm_loss",
     "load_pairs",
+    "nelbo",
     "ot_permutation",
+    "output_to_score",
     "pair_batch",
     "path_velocity",
+    "predictor_corrector",
+    "prior_kl",
+    "probability_flow_cnf",
+    "probability_flow_nll",
+    "probability_flow_sample",
     "reflow_pairs",
     "save_pairs",
+    "score_mlp",
+    "score_to_output",
+    "sdeint_sample",
     "straight_path",
     "transport_cost",
 ]

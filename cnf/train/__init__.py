@@ -1,14 +1,17 @@
-"""Training loop, run folders, checkpoints and tracking."""
+"""Training: the loop (:mod:`cnf.train.loop`), atomic checkpoints, tracking, data parallelism.
+
+Submodules import lazily, so the run folder (:mod:`cnf.rundir`) can use the
+checkpoint files without importing the loop.
+"""
 
 from cnf.train.checkpoint import load_checkpoint, save_checkpoint
-from cnf.train.loop import NonFiniteError, RunFolderError, Trainer, evaluate_split, prepare_run_dir
 
-__all__ = [
-    "NonFiniteError",
-    "RunFolderError",
-    "Trainer",
-    "evaluate_split",
-    "load_checkpoint",
-    "prepare_run_dir",
-    "save_checkpoint",
-]
+__all__ = ["NonFiniteError", "Trainer", "load_checkpoint", "save_checkpoint"]
+
+
+def __getattr__(name: str):  # noqa: ANN202
+    if name in ("Trainer", "NonFiniteError"):
+        from cnf.train import loop
+
+        return getattr(loop, name)
+    raise AttributeError(name)

@@ -1,8 +1,7 @@
 """The training loop: one config in, a self-describing run folder out.
 
-A run folder holds ``config.yaml`` (resolved), ``metrics.jsonl`` (one line per
-logged iteration), ``ckpt.pt`` (atomic, embeds the config) and, at the end,
-``final.json``. Every batch and probe is a pure function of
+The run folder's files are :class:`cnf.rundir.RunDir`'s; this module is the
+training loop alone. Every batch and probe is a pure function of
 ``(seed, iteration, rank)``, so a run that is stopped and resumed from its
 checkpoint continues exactly as an uninterrupted run would.
 
@@ -14,222 +13,59 @@ ranks (:mod:`cnf.train.distributed`), and only rank 0 writes files.
 from __future__ import annotations
 
 import copy
-import fcntl
-import json
 import math
 import sys
 import time
 from collections.abc import Callable, Mapping
-from pathlib import Path
 from typing import Any
 
 import numpy as np
 import torch
-from omegaconf import DictConfig, OmegaConf
+from omegaconf import DictConfig
 
 from cnf.config import to_dict
 from cnf.data import Dataset, batch_rng, dataset_from_config
-from cnf.metrics import mean_stderr
+from cnf.evaluation import (
+    draw_samples,
+    evaluate_points,
+    sample_statistics,
+    settings_record,
+    summarize,
+)
 from cnf.models import GenerativeModel, build_model
+from cnf.registry import Registry
+from cnf.rundir import DTYPES, RunDir, RunFolderError, resolve_device
 from cnf.train import distributed
-from cnf.train.checkpoint import atomic_write_text, load_checkpoint, save_checkpoint
 from cnf.train.tracking import JsonlTracker
 
-CKPT_NAME = "ckpt.pt"
-# Held (POSIX record lock) by the process training in the folder, so that a
-# second launch of the same run (a relaunched sweep, a duplicate array task)
-# fails instead of interleaving writes. Released by the OS when the process dies.
-LOCK_NAME = ".lock"
-
-# ``dtype:`` config values.
-DTYPES = {"float32": torch.float32, "float64": torch.float64}
-
-# Keys that may change when a run is resumed: they do not change what is trained.
-RESUMABLE_CHANGES = (
-    "train.iters",
-    "train.log_every",
-    "train.ckpt_every",
-    "train.ckpt_minutes",
-    "train.val_every",
-    "eval",
-    "track",
-    "run",
-    "device",
-)
-
-
-class RunFolderError(ValueError):
-    """The run folder cannot be used as asked (message is one line)."""
+__all__ = ["OPTIMIZERS", "SCHEDULES", "NonFiniteError", "Trainer", "iteration_seed"]
 
 
 class NonFiniteError(RuntimeError):
     """Training produced a NaN/Inf loss or gradient (message names the iteration)."""
 
 
-def _flatten(d: Mapping[str, Any], prefix: str = "") -> dict[str, Any]:
-    out: dict[str, Any] = {}
-    for k, v in d.items():
-        key = f"{prefix}{k}"
-        if isinstance(v, Mapping):
-            out.update(_flatten(v, key + "."))
-        else:
-            out[key] = v
-    return out
+OPTIMIZERS: Registry[type[torch.optim.Optimizer]] = Registry(
+    "optimizer", {"adam": torch.optim.Adam, "adamw": torch.optim.AdamW}
+)
 
 
-def config_differences(old: Mapping[str, Any], new: Mapping[str, Any]) -> list[str]:
-    """Dotted keys whose values differ, ignoring :data:`RESUMABLE_CHANGES`."""
-    a, b = _flatten(old), _flatten(new)
-    diff = []
-    for key in sorted(set(a) | set(b)):
-        if any(key == p or key.startswith(p + ".") for p in RESUMABLE_CHANGES):
-            continue
-        if a.get(key, "<missing>") != b.get(key, "<missing>"):
-            diff.append(key)
-    return diff
+def _constant(progress: float) -> float:
+    return 1.0
 
 
-def prepare_run_dir(cfg: DictConfig) -> tuple[Path, bool]:
-    """Check (never damage) the run folder; returns ``(path, resuming)``.
-
-    A new or empty folder is created. A folder with a ``config.yaml`` is
-    resumed if its config matches up to :data:`RESUMABLE_CHANGES`. Anything
-    else is a :class:`RunFolderError`. Nothing is written here.
-    """
-    path = Path(cfg.run.dir)
-    if path.exists() and not path.is_dir():
-        raise RunFolderError(f"run.dir {path} exists and is not a folder; choose another run.dir")
-    if path.is_dir() and any(p.name != LOCK_NAME for p in path.iterdir()):
-        cfg_file = path / "config.yaml"
-        if not cfg_file.is_file():
-            raise RunFolderError(
-                f"run.dir {path} is not empty and holds no config.yaml (not a cnf run); "
-                "choose another run.dir"
-            )
-        try:
-            old = OmegaConf.to_container(OmegaConf.load(cfg_file), resolve=True)
-        except Exception:
-            raise RunFolderError(f"run.dir {path}: config.yaml is unreadable") from None
-        diff = config_differences(old, to_dict(cfg))
-        old_iters = old.get("train", {}).get("iters")
-        if (
-            old_iters is not None
-            and old_iters != cfg.train.iters
-            and cfg.train.schedule != "constant"
-        ):
-            # A cosine schedule spans train.iters: changing it rewrites the learning
-            # rates of iterations already done, so the run could not resume exactly.
-            raise RunFolderError(
-                f"run.dir {path} was trained with train.iters={old_iters}; "
-                f"train.schedule={cfg.train.schedule} spans train.iters, so it cannot change "
-                "on resume (use the same train.iters, or choose another run.dir)"
-            )
-        if diff:
-            shown = ", ".join(diff[:5]) + (" ..." if len(diff) > 5 else "")
-            raise RunFolderError(
-                f"run.dir {path} holds a run with a different config (differs at {shown}); "
-                "choose another run.dir to start a new run"
-            )
-        return path, True
-    return path, False
+def _cosine(progress: float) -> float:
+    return 0.5 * (1 + math.cos(math.pi * progress))
 
 
-def lock_run_dir(path: str | Path) -> Any:
-    """Take the run folder's lock; :class:`RunFolderError` if another process holds it.
-
-    Returns the open lock file: keep it referenced for as long as the run
-    trains. POSIX locks belong to the process, so taking it again in the same
-    process succeeds.
-    """
-    path = Path(path)
-    fh = open(path / LOCK_NAME, "a+")  # noqa: SIM115 - held for the life of the run
-    try:
-        fcntl.lockf(fh, fcntl.LOCK_EX | fcntl.LOCK_NB)
-    except OSError:
-        fh.close()
-        raise RunFolderError(
-            f"run.dir {path} is in use by another training process; "
-            "wait for it to end (or stop it) before resuming this run"
-        ) from None
-    return fh  # the file stays empty: taking the lock changes nothing in the folder
-
-
-def run_dir_locked(path: str | Path) -> bool:
-    """True if another live process trains in ``path`` (on a file system with working locks).
-
-    Not for the process that holds the lock: closing any descriptor of the file
-    would release that process's POSIX lock.
-    """
-    lock = Path(path) / LOCK_NAME
-    if not lock.is_file():
-        return False
-    try:
-        with open(lock, "a") as fh:
-            fcntl.lockf(fh, fcntl.LOCK_EX | fcntl.LOCK_NB)
-            fcntl.lockf(fh, fcntl.LOCK_UN)
-    except OSError:
-        return True
-    return False
-
-
-def resolve_device(name: str) -> torch.device:
-    if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    dev = torch.device(name)
-    if dev.type == "cuda" and not torch.cuda.is_available():
-        raise RunFolderError(
-            f"device={name} requested but CUDA is not available; valid here: auto, cpu"
-        )
-    return dev
+# name → learning-rate factor as a function of the progress ∈ [0, 1] after warm-up.
+SCHEDULES: Registry[Callable[[float], float]] = Registry(
+    "learning-rate schedule", {"constant": _constant, "cosine": _cosine}
+)
 
 
 def iteration_seed(seed: int, iteration: int, rank: int = 0) -> int:
     return int(np.random.SeedSequence([seed, iteration, rank]).generate_state(1)[0])
-
-
-@torch.no_grad()
-def evaluate_split(
-    model: GenerativeModel,
-    x: np.ndarray,
-    *,
-    batch_size: int,
-    seed: int,
-    cost: Mapping[str, Any] | None = None,
-    transform: Callable[[np.ndarray, np.random.Generator], np.ndarray] | None = None,
-) -> dict[str, float]:
-    """NLL/NELBO in nats per sample over ``x``, with standard errors and mean NFE.
-
-    The global RNG is forked and seeded with ``seed``, so probes and noise are
-    the same for every model and cost setting (common random numbers).
-    ``transform`` (``Dataset.eval_transform``: image dequantisation) is applied
-    batch by batch with a numpy generator seeded by ``seed``, in order, so the
-    noise does not depend on the batch size.
-    """
-    nll, nelbo, nfe = [], [], []
-    transform_rng = np.random.default_rng([seed, 0x0DE9])
-    devices = [model.device] if model.device.type == "cuda" else []
-    with torch.random.fork_rng(devices=devices):
-        torch.manual_seed(seed)
-        for i in range(0, len(x), batch_size):
-            xb = x[i : i + batch_size]
-            if transform is not None:
-                xb = transform(xb, transform_rng)
-            xb = torch.as_tensor(xb, dtype=model.dtype, device=model.device)
-            out = model.evaluate(xb, cost=cost)
-            if out.nll is not None:
-                nll.append(out.nll.double().cpu())
-            if out.nelbo is not None:
-                nelbo.append(out.nelbo.double().cpu())
-            if "nfe" in out.stats:
-                nfe.append(out.stats["nfe"])
-    result: dict[str, float] = {}
-    if nll:
-        result["nll"], result["nll_stderr"] = mean_stderr(torch.cat(nll))
-    if nelbo:
-        result["nelbo"], result["nelbo_stderr"] = mean_stderr(torch.cat(nelbo))
-    if nfe:
-        result["nfe"] = float(np.mean(nfe))
-    return result
 
 
 class Trainer:
@@ -260,7 +96,9 @@ class Trainer:
                 f"train.batch_size={cfg.train.batch_size} is not divisible by the "
                 f"{world_size} data-parallel processes"
             )
-        self.run_dir, self.resuming = prepare_run_dir(cfg)
+        self.folder = RunDir(cfg.run.dir)
+        self.run_dir = self.folder.path
+        self.resuming = self.folder.prepare(cfg)
         self.device = resolve_device(cfg.device)
         if self.device.type == "cuda" and world_size > 1:
             # One GPU per rank: distributed.init pinned this process to cuda:LOCAL_RANK.
@@ -283,7 +121,7 @@ class Trainer:
     # ----------------------------------------------------------------- set-up
     def _build_optimizer(self) -> torch.optim.Optimizer:
         t = self.cfg.train
-        cls = {"adam": torch.optim.Adam, "adamw": torch.optim.AdamW}[t.optimizer]
+        cls = OPTIMIZERS[t.optimizer]
         # A model may ask for parameter groups (e.g. DiffFlow: drift and score lrs).
         groups = getattr(self.model, "param_groups", None)
         params = groups(t.lr) if groups is not None else self.model.parameters()
@@ -293,15 +131,12 @@ class Trainer:
         t = self.cfg.train
         if t.warmup_iters and step < t.warmup_iters:
             return (step + 1) / t.warmup_iters
-        if t.schedule == "cosine":
-            span = max(1, t.iters - t.warmup_iters)
-            progress = min(1.0, (step - t.warmup_iters) / span)
-            return 0.5 * (1 + math.cos(math.pi * progress))
-        return 1.0
+        span = max(1, t.iters - t.warmup_iters)
+        return SCHEDULES[t.schedule](min(1.0, (step - t.warmup_iters) / span))
 
     @property
-    def ckpt_path(self) -> Path:
-        return self.run_dir / CKPT_NAME
+    def ckpt_path(self):  # noqa: ANN201 - a Path
+        return self.folder.ckpt_path
 
     def state_dict(self) -> dict[str, Any]:
         return {
@@ -328,7 +163,7 @@ class Trainer:
 
     def save(self) -> None:
         if self.rank == 0:
-            save_checkpoint(self.ckpt_path, self.state_dict())
+            self.folder.save_checkpoint(self.state_dict())
 
     def request_stop(self, reason: str) -> None:
         """Ask the loop to checkpoint and return at the next iteration boundary (signal-safe)."""
@@ -337,14 +172,13 @@ class Trainer:
     def prepare(self) -> None:
         """Create the folder or load the checkpoint of an existing run."""
         if self.rank == 0:
-            self.run_dir.mkdir(parents=True, exist_ok=True)
-            self._lock = lock_run_dir(self.run_dir)
-        if self.resuming and self.ckpt_path.exists():
-            self.load_state_dict(load_checkpoint(self.ckpt_path, map_location=self.device))
+            self._lock = self.folder.lock()
+        if self.resuming and self.folder.has_checkpoint():
+            self.load_state_dict(self.folder.load_checkpoint(map_location=self.device))
             self.log(f"resuming {self.run_dir} from iteration {self.iteration}")
         if self.rank == 0:
-            atomic_write_text(self.run_dir / "config.yaml", OmegaConf.to_yaml(self.cfg))
-            self.metrics = JsonlTracker(self.run_dir / "metrics.jsonl")
+            self.folder.write_config(self.cfg)
+            self.metrics = JsonlTracker(self.folder.file(RunDir.METRICS))
             # Lines logged after the checkpoint are regenerated by the resumed run.
             self.metrics.truncate_after(self.iteration)
 
@@ -422,7 +256,7 @@ class Trainer:
             self.optimizer.zero_grad(set_to_none=True)
             loss.backward()
             loss_value = float(loss.detach())
-            stats = {**out.stats, **self.model.backward_stats()}
+            stats = {**out.stats, **(out.after_backward() if out.after_backward else {})}
             if parallel:
                 # After the all-reduce every rank holds the same gradients, the
                 # rank-mean loss and statistics, and the same decision to stop.
@@ -473,14 +307,8 @@ class Trainer:
                         f"iter {it}/{total} loss {loss_value:.4f} nfe {record.get('nfe_forward', '-')}"
                     )
             if cfg.train.val_every and it % cfg.train.val_every == 0 and self.rank == 0:
-                val = evaluate_split(
-                    self.eval_model,
-                    self.data.val,
-                    batch_size=cfg.eval.batch_size,
-                    seed=cfg.eval.seed,
-                    transform=self.data.eval_transform,
-                )
-                self._log({f"val_{k}": v for k, v in val.items()}, it)
+                val = self.evaluate_split(self.data.val, prefix="val_")
+                self._log(val, it)
             if bar is not None:
                 bar.update(1)
             timer_due = (
@@ -511,18 +339,19 @@ class Trainer:
     def eval_model(self) -> GenerativeModel:
         return self.ema if self.ema is not None else self.model
 
+    def evaluate_split(self, x: np.ndarray, *, prefix: str) -> dict[str, Any]:
+        """The held-out metrics of ``x`` under the run's evaluation settings (rank 0)."""
+        cfg = self.cfg
+        result = evaluate_points(
+            self.eval_model, x, self.data, batch_size=cfg.eval.batch_size, seed=cfg.eval.seed
+        )
+        return summarize(result, self.data, prefix=prefix)
+
     def final_metrics(self) -> dict[str, Any]:
-        """Evaluate on the test set and write ``final.json``."""
+        """Evaluate on the test set and write ``final.json`` (with the settings that made it)."""
         cfg = self.cfg
         model = self.eval_model
         t0 = time.perf_counter()
-        test = evaluate_split(
-            model,
-            self.data.test,
-            batch_size=cfg.eval.batch_size,
-            seed=cfg.eval.seed,
-            transform=self.data.eval_transform,
-        )
         final: dict[str, Any] = {
             "iterations": self.iteration,
             "train_seconds": self.train_seconds,
@@ -531,85 +360,20 @@ class Trainer:
             "seed": cfg.seed,
             "units": "nats per sample",
         }
-        for k, v in test.items():
-            final[f"test_{k}"] = v
-        if self.data.entropy is not None and ("test_nll" in final or "test_nelbo" in final):
-            h, h_se = self.data.entropy
-            final["entropy"], final["entropy_stderr"] = h, h_se
-            if "test_nll" in final:
-                final["gap"] = final["test_nll"] - h
-            if "test_nelbo" in final:  # NELBO − H ≥ KL(data ‖ model): a bound, not the gap
-                final["nelbo_gap"] = final["test_nelbo"] - h
-        final.update(bpd_metrics(final, self.data, prefix="test_"))
+        final.update(self.evaluate_split(self.data.test, prefix="test_"))
         if cfg.eval.num_samples > 0:
-            devices = [model.device] if model.device.type == "cuda" else []
-            with torch.random.fork_rng(devices=devices):
-                torch.manual_seed(cfg.eval.seed)
-                samples, stats = model.sample(cfg.eval.num_samples)
-            final["sample_nfe"] = stats.get("nfe")
-            self.samples = samples.detach().cpu()
-            final.update(sample_statistics(self.samples.numpy(), self.data))
+            samples, nfe, _ = draw_samples(model, cfg.eval.num_samples, seed=cfg.eval.seed)
+            final["sample_nfe"] = nfe
+            self.samples = torch.as_tensor(samples)
+            final.update(sample_statistics(samples, self.data))
         final["eval_seconds"] = time.perf_counter() - t0
+        final["eval"] = settings_record(
+            model.settings,
+            num_points=len(self.data.test),
+            batch_size=cfg.eval.batch_size,
+            seed=cfg.eval.seed,
+            num_samples=cfg.eval.num_samples,
+        )
         if self.rank == 0:
-            atomic_write_text(self.run_dir / "final.json", json.dumps(final, indent=2) + "\n")
+            self.folder.write_final(final)
         return final
-
-
-def bpd_metrics(metrics: Mapping[str, Any], data: Dataset, *, prefix: str) -> dict[str, Any]:
-    """Bits/dim of image data from ``{prefix}nll`` (else ``{prefix}nelbo``) in nats.
-
-    ``bpd = nats / (D ln 2) + log2(L)`` for data dequantised to ``[0, 1)`` from L
-    levels (:mod:`cnf.data.images`); the convention string goes beside the number.
-    Empty for non-image data.
-    """
-    from cnf.metrics import bits_per_dim
-
-    offset = data.bpd_offset
-    if offset is None:
-        return {}
-    out: dict[str, Any] = {}
-    for name in ("nll", "nelbo"):
-        if f"{prefix}{name}" not in metrics:
-            continue
-        key = (
-            f"{prefix}bpd"
-            if name == "nll" or f"{prefix}nll" not in metrics
-            else f"{prefix}nelbo_bpd"
-        )
-        out[key] = bits_per_dim(metrics[f"{prefix}{name}"], data.dim, offset_bits=offset)
-        out[f"{key}_stderr"] = metrics[f"{prefix}{name}_stderr"] / (data.dim * math.log(2.0))
-    if out:
-        source = "nll" if f"{prefix}nll" in metrics else "nelbo (an upper bound)"
-        out["bpd_convention"] = (
-            f"bits/dim = {source} / (D ln 2) + log2({data.num_levels}), D = {data.dim}; "
-            f"uniform dequantisation x = (pixel + u) / {data.num_levels}, u ~ U[0,1), "
-            "seeded fresh noise per evaluation"
-        )
-    return out
-
-
-def sample_statistics(
-    samples: np.ndarray, data: Dataset, *, max_points: int = 5000
-) -> dict[str, float]:
-    """Sample quality for low-dimensional data: MMD² to the test set, exact data log-density."""
-    from cnf.metrics import mmd2_rbf
-
-    out: dict[str, float] = {}
-    if data.dim > 64:
-        return out
-    finite = np.isfinite(samples).all(axis=tuple(range(1, samples.ndim)))
-    out["sample_finite_fraction"] = float(finite.mean())
-    s = samples[finite][:max_points].reshape(-1, data.dim)
-    t = data.test[:max_points]
-    if data.eval_transform is not None:  # image levels -> the model's [0, 1) scale
-        t = data.eval_transform(t, np.random.default_rng(0))
-    t = t.reshape(-1, data.dim)
-    if len(s) > 1:
-        out["sample_mmd2"] = mmd2_rbf(torch.as_tensor(s), torch.as_tensor(t))
-    if data.log_density is not None and len(s):
-        lp = data.log_density(s)
-        inside = np.isfinite(lp)
-        out["sample_support_fraction"] = float(inside.mean())
-        if inside.any():
-            out["sample_data_logp"] = float(lp[inside].mean())
-    return out

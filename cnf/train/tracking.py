@@ -16,6 +16,13 @@ import os
 from pathlib import Path
 from typing import Any, Protocol
 
+from cnf.registry import Registry
+
+WANDB_MODES: Registry[str] = Registry(
+    "W&B mode",
+    {"offline": "write locally, sync later", "online": "stream (needs a key)", "disabled": "off"},
+)
+
 
 class Tracker(Protocol):
     def log(self, record: dict[str, Any], step: int) -> None: ...
