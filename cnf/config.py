@@ -186,13 +186,14 @@ def _migrate_flow(m: DictConfig, moved: list[str]) -> None:
         moved.append("model.flow.{logdet, n_*_terms, ...} → model.flow.logdet.*")
 
 
-def migrate(raw: DictConfig, *, from_run: bool = False) -> DictConfig:
+def migrate(raw: DictConfig, *, from_run: bool = False, family: str | None = None) -> DictConfig:
     """Move the previous release's keys to their new places (a copy; one warning names them).
 
     Args:
         raw: An unresolved config (a file, overrides, or a run folder's ``config.yaml``).
         from_run: The config was written by a run of the previous release: keys
             whose default changed since keep their old value (``data.standardize``).
+        family: The model family, for overrides that do not name it themselves.
     """
     raw = OmegaConf.create(OmegaConf.to_container(raw, resolve=False))
     moved: list[str] = []
@@ -211,7 +212,7 @@ def migrate(raw: DictConfig, *, from_run: bool = False) -> DictConfig:
         if moved:
             _warn(moved)
         return raw
-    family = m.get("family")
+    family = m.get("family", family)
     _migrate_solver(m.get("solver"), moved, "model.solver")
     if family == "ffjord":
         _name_section(m, "divergence", moved, "model")
@@ -484,7 +485,9 @@ def _check_data(run: schema.Config) -> None:
 def load_config(path: str | Path, overrides: list[str] = ()) -> DictConfig:
     """Read, migrate, merge and validate a config; raises :class:`ConfigError`."""
     raw = migrate(_read_yaml(Path(path)))
-    over = migrate(parse_overrides(list(overrides)))
+    over = migrate(
+        parse_overrides(list(overrides)), family=OmegaConf.select(raw, "model.family")
+    )
     return resolve(_merge_overrides(raw, over))
 
 

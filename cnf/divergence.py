@@ -297,12 +297,12 @@ class DivergenceConfig:
 
     def __post_init__(self) -> None:
         if self.name != "auto":
-            DIVERGENCES.check(self.name, key="divergence")
-        PROBES.check(self.probe, key="divergence.probe")
+            DIVERGENCES.check(self.name, key="name")
+        PROBES.check(self.probe, key="probe")
         if self.num_probes < 1:
-            raise ValueError(f"divergence.num_probes: must be >= 1, got {self.num_probes}")
+            raise ValueError(f"num_probes: must be >= 1, got {self.num_probes}")
         if self.exact_max_dim < 0:
-            raise ValueError(f"divergence.exact_max_dim: must be >= 0, got {self.exact_max_dim}")
+            raise ValueError(f"exact_max_dim: must be >= 0, got {self.exact_max_dim}")
 
     def resolve(self, dim: int) -> str:
         """The estimator ``auto`` stands for at dimension ``dim`` (other names: themselves)."""

@@ -164,8 +164,7 @@ class SolverSchema:
     max_steps: int = 0  # adaptive methods: cap on the steps (0: torchdiffeq's)
 
     def __post_init__(self) -> None:
-        _check("METHODS", "name", self.name)
-        _non_negative(steps=self.steps, max_steps=self.max_steps)
+        self.build()  # SolverConfig validates the method and its steps or tolerances
 
     def build(self) -> Any:
         from cnf.solve import SolverConfig
@@ -183,11 +182,7 @@ class DivergenceSchema:
     exact_max_dim: int = 16  # auto: exact trace up to this dimension
 
     def __post_init__(self) -> None:
-        if self.name != "auto":
-            _check("DIVERGENCES", "name", self.name)
-        _check("PROBES", "probe", self.probe)
-        _positive(num_probes=self.num_probes)
-        _non_negative(exact_max_dim=self.exact_max_dim)
+        self.build()  # DivergenceConfig validates the name, the probe and the counts
 
     def build(self) -> Any:
         from cnf.divergence import DivergenceConfig

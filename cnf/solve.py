@@ -93,7 +93,7 @@ class SolverConfig:
 
     def check_update(self, changes: dict[str, Any]) -> None:
         """``steps`` only means something for a fixed-step method (settings.update hook)."""
-        name = changes.get("name", self.name)
+        name = METHODS.check(changes.get("name", self.name), key="solver")
         if "steps" in changes and name not in FIXED_STEP_METHODS:
             raise ValueError(
                 f"solver steps={changes['steps']} needs a fixed-step method "

@@ -166,6 +166,8 @@ def _shorthands(raw: Mapping[str, Any]) -> dict[str, Any]:
         {"label": c, "select": {column_key: c}} if isinstance(c, str) else c
         for c in _as_list(raw.get("columns"))
     ]
+    if "rows" in raw and not isinstance(raw["rows"], list | tuple):
+        raise _err("rows", "must be a non-empty list (methods)")
     rows = []
     for r in _as_list(raw.get("rows")):
         if isinstance(r, Mapping) and "runs" in r:
@@ -220,9 +222,9 @@ def parse_table_spec(raw: Any, *, default_name: str | None = None) -> TableSpec:
     try:
         spec = OmegaConf.to_object(OmegaConf.merge(schema, _shorthands(raw)))
     except OmegaConfBaseException as e:
-        raise _err("", _format_omegaconf_error(e, schema)) from None
+        raise TableSpecError(f"table spec: {_format_omegaconf_error(e)}") from None
     except ValueError as e:
-        raise _err("", str(e).splitlines()[0]) from None
+        raise TableSpecError(f"table spec: {str(e).splitlines()[0]}") from None
     name = spec.name or default_name
     if not name or any(c in name for c in "/\\ ") or name.startswith("."):
         raise _err("name", f"{name!r} must be usable as a file name (no spaces or slashes)")

@@ -6,7 +6,7 @@ specifications, not training configs; any other file without a ``model``
 section (or a ``_base_`` that could supply one) is skipped too. Runs are
 in-process (through :class:`cnf.train.loop.Trainer`) with tiny evaluation
 settings (image data sets that are not downloaded here get tiny random
-stand-ins in their own file formats), and the checkpoint is re-opened with :func:`cnf.runs.load_run`,
+stand-ins in their own file formats), and the checkpoint is re-opened with :func:`cnf.rundir.load_run`,
 which must reproduce the final test metric exactly.
 """
 
@@ -22,8 +22,9 @@ import pytest
 from omegaconf import OmegaConf
 
 from cnf.config import load_config
-from cnf.runs import load_run
-from cnf.train.loop import Trainer, evaluate_split
+from cnf.evaluation import evaluate_points, summarize
+from cnf.rundir import load_run
+from cnf.train.loop import Trainer
 
 CONFIG_ROOT = Path(__file__).resolve().parent.parent / "configs"
 NOT_TRAINING = ("sweeps", "tables")
@@ -159,14 +160,12 @@ def test_config_trains_two_iterations(path: Path, tmp_path: Path) -> None:
     # The checkpoint alone (weights + embedded config) reproduces the final metric.
     run = load_run(run_dir)
     assert run.iteration == 2
-    extra = {}
-    if getattr(run.data, "eval_transform", None) is not None:  # image dequantisation
-        extra["transform"] = run.data.eval_transform
-    again = evaluate_split(
+    result = evaluate_points(
         run.model,
         run.data.test[:TEST_ROWS],
+        run.data,
         batch_size=run.cfg.eval.batch_size,
         seed=run.cfg.eval.seed,
-        **extra,
     )
-    assert again[key.removeprefix("test_")] == pytest.approx(final[key], rel=1e-6, abs=1e-6)
+    again = summarize(result, run.data, prefix="test_")
+    assert again[key] == pytest.approx(final[key], rel=1e-6, abs=1e-6)

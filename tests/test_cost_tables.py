@@ -13,6 +13,7 @@ os.environ.setdefault("OMP_NUM_THREADS", "1")
 
 import json
 import math
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -29,10 +30,10 @@ from cnf.cost import (
     load_cost_grid,
     normalize_cost_grid,
     parse_cost_grid,
-    sample_quality,
 )
-from cnf.models.base import EvalOutput, GenerativeModel
-from cnf.runs import load_run
+from cnf.evaluation import sample_statistics
+from cnf.models.base import EvalOutput, GenerativeModel, SampleOutput
+from cnf.rundir import load_run
 from cnf.tables import (
     TableSpecError,
     build_table,
@@ -124,12 +125,12 @@ def test_sample_quality_on_data_itself() -> None:
 
     data = build_dataset("checkerboard", test_size=1000, val_size=10)
     fresh = data.sample_train(np.random.default_rng(7), 1000)
-    q = sample_quality(fresh, data.test, log_density=data.log_density)
+    q = sample_statistics(fresh, data, reference=data.test)
     assert abs(q["sample_mmd2"]) < 5e-3  # unbiased: two samples of one distribution ≈ 0
     assert q["sample_support_fraction"] == 1.0
     assert q["sample_data_logp"] == pytest.approx(-math.log(32.0))
     noise = np.random.default_rng(8).normal(size=(1000, 2))
-    qn = sample_quality(noise, data.test, log_density=data.log_density)
+    qn = sample_statistics(noise, data, reference=data.test)
     assert qn["sample_mmd2"] > 20 * abs(q["sample_mmd2"])
     assert qn["sample_support_fraction"] < 0.9
 
@@ -154,11 +155,12 @@ def test_nll_converges_and_nfe_grows(loaded) -> None:
         )
         assert r["sample_nfe"] > 0 and r["sample_seconds"] > 0 and "sample_mmd2" in r
         assert 0 <= r["sample_support_fraction"] <= 1 and "sample_data_logp" in r
-        assert r["gap"] == pytest.approx(r["nll"] - r["entropy"])
+        assert r["gap"] == pytest.approx(r["nll"] - r["floor"])
+        assert r["settings"]["solver.name"] == "dopri5" and r["num_points"] == 200
 
 
 def test_common_random_numbers(loaded) -> None:
-    hutch = {"method": "dopri5", "rtol": 1e-6, "atol": 1e-6, "divergence": "hutchinson"}
+    hutch = {"method": "dopri5", "rtol": 1e-6, "atol": 1e-6, "divergence.name": "hutchinson"}
     grid = [hutch, {"method": "rk4", "steps": 8}]
     keys = ("nll", "nll_stderr", "eval_nfe", "sample_mmd2", "sample_data_logp", "sample_nfe")
     a = cost_curve(loaded.model, loaded.data, grid=grid, num_samples=200)
@@ -185,24 +187,32 @@ def test_default_setting_reproduces_final_json(loaded) -> None:
     assert rec["eval_nfe"] == loaded.final["test_nfe"]
 
 
+@dataclass(frozen=True)
+class _StepSettings:
+    sampler: str = "em"
+    steps: int = 10
+
+
 class _GaussianNELBO(GenerativeModel):
     """A stand-in SDE-like family: N(0, I) that reports only a NELBO = NLL + 1/steps."""
 
+    Settings = _StepSettings
     event_shape = (2,)
 
     def __init__(self) -> None:
         super().__init__()
         self.scale = torch.nn.Parameter(torch.ones(()))
+        self.settings = _StepSettings()
 
-    def evaluate(self, x, *, cost=None):
-        steps = (cost or {}).get("steps", 10)
+    def evaluate(self, x, settings=None):
+        steps = self._resolve(settings).steps
         noise = 1e-3 * torch.randn(len(x))  # stands in for probes / SDE noise (global RNG)
         nll = 0.5 * (x**2).sum(1) + math.log(2 * math.pi)
         return EvalOutput(nelbo=nll + 1.0 / steps + noise, stats={"nfe": steps})
 
-    def sample(self, n, *, cost=None, generator=None):
-        steps = (cost or {}).get("steps", 10)
-        return torch.randn(n, 2, generator=generator), {"nfe": steps}
+    def sample(self, n, settings=None, *, generator=None):
+        steps = self._resolve(settings).steps
+        return SampleOutput(torch.randn(n, 2, generator=generator), {"nfe": steps})
 
 
 def test_nelbo_family_and_crn_samples() -> None:
@@ -287,6 +297,7 @@ def _fake_run(
     seed: int,
     nll: float | None,
     entropy: float,
+    floor: float | None = None,
 ) -> Path:
     d = root / name
     d.mkdir(parents=True)
@@ -298,11 +309,13 @@ def _fake_run(
     }
     OmegaConf.save(OmegaConf.create(cfg), d / "config.yaml")
     if nll is not None:
+        floor = entropy if floor is None else floor
         final = {
             "iterations": 100,
             "test_nll": nll,
             "entropy": entropy,
-            "gap": nll - entropy,
+            "floor": floor,
+            "gap": nll - floor,
             "dataset": data,
         }
         (d / "final.json").write_text(json.dumps(final))
@@ -315,13 +328,17 @@ def _fake_run(
 def fake_runs(tmp_path: Path) -> Path:
     """A toy sweep in the sweep's layout, with gaps: some seeds missing, one unfinished."""
     sweep = tmp_path / "runs" / "sweeps" / "ffjord_toy"
-    h8, hc = 2.8319, math.log(32)
+    h8, hc, f8 = 2.8319, math.log(32), 2.8117  # f8: the floor of the 8gaussians test points
     for s, v in enumerate((3.0, 3.1, 3.2)):
-        _fake_run(sweep, f"a8_s{s}", data="8gaussians", kinetic=0.0, seed=s, nll=v, entropy=h8)
+        _fake_run(
+            sweep, f"a8_s{s}", data="8gaussians", kinetic=0.0, seed=s, nll=v, entropy=h8, floor=f8
+        )
     for s, v in enumerate((3.6, 3.8)):
         _fake_run(sweep, f"ac_s{s}", data="checkerboard", kinetic=0.0, seed=s, nll=v, entropy=hc)
     _fake_run(sweep, "ac_s2", data="checkerboard", kinetic=0.0, seed=2, nll=None, entropy=hc)
-    _fake_run(sweep, "b8_s0", data="8gaussians", kinetic=0.01, seed=0, nll=2.9, entropy=h8)
+    _fake_run(
+        sweep, "b8_s0", data="8gaussians", kinetic=0.01, seed=0, nll=2.9, entropy=h8, floor=f8
+    )
     (sweep / "not_a_run").mkdir()
     return tmp_path / "runs"
 
@@ -350,7 +367,7 @@ def _spec(tmp_path: Path, **extra) -> Path:
             {
                 "label": "floor",
                 "status": "measured",
-                "from_runs": {"test_nll": "entropy"},
+                "from_runs": {"test_nll": "floor"},
                 "values": {"8gaussians": {"gap": 0.0}},
             },
             {
@@ -424,7 +441,7 @@ def test_tables_cli(fake_runs: Path, tmp_path: Path) -> None:
     tex = (out / "toy_test.tex").read_text()
     assert "| FFJORD | 3.100 ± 0.100 (n=3) |" in md
     assert "3.610†" in md and "† unverified" in md
-    assert "2.832‡" in md and "‡ measured" in md
+    assert "2.812‡" in md and "‡ measured" in md
     assert "missing (no run folder)" in md and "unfinished" in md and "ac_s2" in md
     assert md in stdout and "1 unfinished" in stdout
     assert r"\toprule" in tex and r"\midrule" in tex and r"\bottomrule" in tex
@@ -447,7 +464,7 @@ def test_shipped_ffjord_toy_spec(fake_runs: Path, tmp_path: Path) -> None:
     assert rc == 0, stderr
     assert "| FFJORD | 3.100 ± 0.100 (n=3) |" in stdout
     assert "| original FFJORD code, 1000 iterations | 3.067‡ |" in stdout
-    assert "| entropy floor | 2.832‡ | 0.000‡ | 3.466‡ | 0.000‡ |" in stdout
+    assert "| floor of the test points | 2.812‡ | 0.000‡ | 3.466‡ | 0.000‡ |" in stdout
     assert (tmp_path / "t" / "ffjord_toy.tex").is_file()
 
 
@@ -481,7 +498,7 @@ def test_tables_cli_malformed_spec(tmp_path: Path) -> None:
     path.write_text(MALFORMED_SPECS[0])
     rc, _, stderr = run_script("tables.py", [str(path), "--out", str(tmp_path / "o")])
     line = assert_clean_failure(rc, stderr)
-    assert "unknown key 'bogus'" in line
+    assert "unknown config key 'bogus'" in line
     assert not (tmp_path / "o").exists()
 
 
@@ -494,5 +511,5 @@ def test_parse_table_spec_messages() -> None:
                 "rows": [{"label": "r", "select": {"model.kinetic": {"x": 1}}}],
             }
         )
-    with pytest.raises(TableSpecError, match="unknown key 'lable'"):
+    with pytest.raises(TableSpecError, match="unknown config key 'lable'"):
         parse_table_spec({"name": "t", "columns": ["a"], "rows": [{"lable": "r"}]})

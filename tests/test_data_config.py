@@ -329,8 +329,9 @@ CONFIG_ERRORS = [
     ("model.activation=nosuch", ["model.activation", "nosuch", "tanh", "softplus", "swish"]),
     ("model.divergence=nosuch", ["model.divergence", "nosuch", "exact", "hutchinson"]),
     ("eval.divergence=nosuch", ["eval.divergence", "nosuch", "exact", "hutchinson"]),
-    ("model.probe=nosuch", ["model.probe", "nosuch", "gaussian", "rademacher"]),
-    ("eval.probe=nosuch", ["eval.probe", "nosuch", "gaussian", "rademacher"]),
+    # (keys of the previous release: moved to their sections, named there)
+    ("model.probe=nosuch", ["model.divergence.probe", "nosuch", "gaussian", "rademacher"]),
+    ("eval.probe=nosuch", ["eval.divergence.probe", "nosuch", "gaussian", "rademacher"]),
     ("track.wandb=nosuch", ["track.wandb", "nosuch", "offline", "online", "disabled"]),
     ("model.family=nosuch", ["model.family", "nosuch", "ffjord"]),
     ("train.batch_size=0", ["train.batch_size"]),

@@ -275,7 +275,7 @@ def test_generator_gives_reproducible_probes() -> None:
     # Through a whole solve: same generator seed, same log-determinant estimate.
     net = make_mlp("concatsquash", "tanh")
     x = torch.randn(8, 3, dtype=DTYPE)
-    solver = SolverConfig(method="rk4", steps=4)
+    solver = SolverConfig(name="rk4", steps=4)
     logdets = [
         integrate(
             net,
@@ -326,7 +326,7 @@ def test_probe_fixed_within_a_solve(adjoint: bool, seminorm: bool) -> None:
     net = make_mlp("concatsquash", "tanh")
     x = torch.randn(16, 3, dtype=DTYPE, generator=torch.Generator().manual_seed(9))
     est = RecordingHutchinson("gaussian", num_probes=2)
-    solver = SolverConfig(method="dopri5", rtol=1e-6, atol=1e-6, adjoint=adjoint, seminorm=seminorm)
+    solver = SolverConfig(name="dopri5", rtol=1e-6, atol=1e-6, adjoint=adjoint, seminorm=seminorm)
     sol = integrate(net, x, solver=solver, divergence=est, kinetic=True, jacobian=True)
     n_forward = len(est.seen)
     assert n_forward == sol.stats.nfe_forward > 1

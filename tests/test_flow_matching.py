@@ -214,7 +214,7 @@ def test_nll_goes_through_integrate_and_matches_brute_force_jacobian(
     assert (calls[0]["t0"], calls[0]["t1"]) == (0.0, 1.0)  # data at 0 → noise at 1
     assert out.stats["nfe"] == 400
 
-    solver = SolverConfig(method="rk4", steps=100)
+    solver = SolverConfig(name="rk4", steps=100)
     dim = int(np.prod(event_shape))
 
     def data_to_noise(xi: Tensor) -> Tensor:

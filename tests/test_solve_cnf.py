@@ -24,12 +24,15 @@ from cnf.divergence import ExactDivergence, HutchinsonDivergence
 from cnf.flows.base import SequentialFlow, standard_normal_logprob
 from cnf.flows.cnf import CNF
 from cnf.flows.normalization import MovingBatchNorm
-from cnf.models.ffjord import FFJORD, FFJORDSchema, build_ffjord
+from cnf.divergence import DivergenceConfig
+from cnf.flows.base import FlowSettings
+from cnf.models.ffjord import FFJORD, ODESettings, build_ffjord
+from cnf.schema import FFJORDSchema
 from cnf.nets import TimeMLP
 from cnf.solve import METHODS, SolverConfig, integrate
 
 DTYPE = torch.float64
-TIGHT = SolverConfig(method="dopri5", rtol=1e-10, atol=1e-10)
+TIGHT = SolverConfig(name="dopri5", rtol=1e-10, atol=1e-10)
 
 
 class LinearField(nn.Module):
@@ -118,7 +121,7 @@ def test_fixed_step_order_of_convergence(method: str, order: int) -> None:
     steps = [4, 8, 16, 32] if order > 1 else [16, 32, 64, 128]
     errs = []
     for n in steps:
-        sol = integrate(LinearField(a), x, solver=SolverConfig(method=method, steps=n))
+        sol = integrate(LinearField(a), x, solver=SolverConfig(name=method, steps=n))
         errs.append(float((sol.z - exact).detach().abs().max()))
     slopes = [math.log2(e0 / e1) for e0, e1 in zip(errs[:-1], errs[1:])]
     for s in slopes:
@@ -133,18 +136,18 @@ def test_fixed_step_nfe_is_exact(dtype: torch.dtype) -> None:
     x = torch.ones(2, 2, dtype=dtype)
     field = lambda t, z: -z  # noqa: E731
     for n in range(1, 101):
-        sol = integrate(field, x, solver=SolverConfig(method="euler", steps=n))
+        sol = integrate(field, x, solver=SolverConfig(name="euler", steps=n))
         assert sol.stats.nfe_forward == n, (dtype, n)
         torch.testing.assert_close(sol.z, x * (1 - 1 / n) ** n)
     for n in (3, 8, 49, 61):
-        sol = integrate(field, x, solver=SolverConfig(method="rk4", steps=n))
+        sol = integrate(field, x, solver=SolverConfig(name="rk4", steps=n))
         assert sol.stats.nfe_forward == 4 * n
 
 
 # --------------------------------------------------------- nonlinear CNF
 def test_round_trip_and_logdet_vs_brute_force_jacobian() -> None:
     net = random_mlp(dim=2, seed=3)
-    solver = SolverConfig(method="dopri5", rtol=1e-9, atol=1e-9)
+    solver = SolverConfig(name="dopri5", rtol=1e-9, atol=1e-9)
     cnf = CNF(net, time_length=0.8, solver=solver).to(DTYPE)
     x = data(n=6, d=2)
     z, logdet = cnf(x)
@@ -165,7 +168,7 @@ def test_density_of_random_cnf_integrates_to_one() -> None:
     """An untrained (random) 2-D CNF is a density: its mass on a large grid is 1."""
     net = random_mlp(dim=2, seed=4, hidden=(8, 8))
     flow = SequentialFlow([CNF(net, time_length=0.5, solver=SolverConfig(rtol=1e-6, atol=1e-6))])
-    model = FFJORD(flow.to(DTYPE), (2,)).eval()
+    model = FFJORD(flow.to(DTYPE), (2,), settings=ODESettings(flow.flows[0].solver)).eval()
     lim, n = 7.0, 141
     xs = torch.linspace(-lim, lim, n, dtype=DTYPE)
     grid = torch.cartesian_prod(xs, xs)
@@ -177,7 +180,11 @@ def test_density_of_random_cnf_integrates_to_one() -> None:
 
 def test_sample_is_the_reverse_solve() -> None:
     net = random_mlp(dim=2, seed=5)
-    model = FFJORD(SequentialFlow([CNF(net, time_length=0.6, solver=TIGHT)]).to(DTYPE), (2,))
+    model = FFJORD(
+        SequentialFlow([CNF(net, time_length=0.6, solver=TIGHT)]).to(DTYPE),
+        (2,),
+        settings=ODESettings(TIGHT, DivergenceConfig("exact")),
+    )
     x, stats = model.sample(5, generator=torch.Generator().manual_seed(0))
     assert stats["nfe"] > 0
     eps = torch.randn(5, 2, generator=torch.Generator().manual_seed(0), dtype=DTYPE)
@@ -185,6 +192,14 @@ def test_sample_is_the_reverse_solve() -> None:
     torch.testing.assert_close(z, eps, rtol=0, atol=1e-6)
     out = model.evaluate(x)
     torch.testing.assert_close(-out.nll, model.log_prob(x).detach(), rtol=0, atol=1e-9)
+
+
+def ffjord(cfg: dict, eval_solver: SolverConfig = TIGHT) -> FFJORD:
+    """An FFJORD model from a ``model:`` section given as a dict (missing keys: defaults)."""
+    from omegaconf import OmegaConf
+
+    section = OmegaConf.to_object(OmegaConf.merge(OmegaConf.structured(FFJORDSchema), cfg))
+    return build_ffjord(section, (2,), ODESettings(eval_solver, DivergenceConfig("exact")))
 
 
 def _grads(model_fn, params: list[Tensor], x: Tensor) -> list[Tensor]:
@@ -222,7 +237,7 @@ def test_adjoint_gradients_match_backprop(divergence: str) -> None:
 
         return fn
 
-    base = SolverConfig(method="dopri5", rtol=1e-9, atol=1e-9)
+    base = SolverConfig(name="dopri5", rtol=1e-9, atol=1e-9)
     ref = _grads(loss_fn(base), params, x)
     for adj in (base.with_(adjoint=True), base.with_(adjoint=True, seminorm=True)):
         got = _grads(loss_fn(adj), params, x)
@@ -237,7 +252,7 @@ def test_adjoint_fixed_step_matches_backprop(seminorm: bool) -> None:
     net = random_mlp(dim=2, seed=8, hidden=(8,))
     params = list(net.parameters())
     x = data(n=4, d=2)
-    solver = SolverConfig(method="rk4", steps=8)
+    solver = SolverConfig(name="rk4", steps=8)
 
     def fn(s: SolverConfig):
         return lambda xx: integrate(net, xx, solver=s, divergence=ExactDivergence()).logdet.sum()
@@ -256,29 +271,28 @@ def test_adjoint_fixed_step_matches_backprop(seminorm: bool) -> None:
 @pytest.mark.parametrize("divergence", ["exact", "hutchinson"])
 def test_adjoint_stack_with_batch_norm_matches_backprop(divergence: str) -> None:
     """CNF blocks after batch norm see inputs that require grad; the adjoint must cope."""
-    cfg = {**FFJORDSchema().__dict__}
+    cfg: dict = {}
     cfg.update(
         hidden_dims=[8],
         zero_init=False,
         num_blocks=2,
         batch_norm=True,
-        divergence=divergence,
+        divergence={"name": divergence},
         kinetic=0.1,
         jacobian=0.1,
     )
     x = 1 + 2 * data(n=16, d=2, seed=4)
     grads = []
     for adjoint in (False, True):
-        cfg["solver"] = {"method": "dopri5", "rtol": 1e-9, "atol": 1e-9, "adjoint": adjoint}
+        cfg["solver"] = {"name": "dopri5", "rtol": 1e-9, "atol": 1e-9, "adjoint": adjoint}
         torch.manual_seed(0)
-        model = build_ffjord(cfg, (2,), eval_solver=TIGHT, eval_divergence=ExactDivergence())
-        model = model.to(DTYPE).train()
+        model = ffjord(cfg).to(DTYPE).train()
         torch.manual_seed(1)  # the same Hutchinson probes in both runs
         out = model.training_loss(x)
         out.loss.backward()
         grads.append([p.grad.clone() for p in model.parameters()])
         if adjoint:
-            assert model.backward_stats()["nfe_backward"] > 0
+            assert out.after_backward()["nfe_backward"] > 0
     for g, r in zip(*grads):
         assert _rel_err(g, r) < 1e-4
 
@@ -316,9 +330,10 @@ def test_learned_T_backprop_and_adjoint_agree_for_mlp() -> None:
             solver=SolverConfig(rtol=1e-9, atol=1e-9, adjoint=adjoint),
             kinetic=True,
         ).to(DTYPE)
-        z, logdet = cnf(x)
+        out = cnf.transform(x, FlowSettings(regularize=True))
         loss = (
-            -(standard_normal_logprob(z) + logdet).mean() + cnf.regularization()["kinetic"].mean()
+            -(standard_normal_logprob(out.z) + out.logdet).mean()
+            + out.regularizers["kinetic"].mean()
         )
         loss.backward()
         grads.append(cnf.log_T.grad.clone())
@@ -328,7 +343,7 @@ def test_learned_T_backprop_and_adjoint_agree_for_mlp() -> None:
 
 def test_T_is_not_learned_by_default() -> None:
     cnf = CNF(random_mlp(), time_length=0.5)
-    assert not cnf.log_T.requires_grad
+    assert cnf.log_T is None
     assert "log_T" not in dict(cnf.named_parameters())
     assert float(cnf.T) == pytest.approx(0.5)
     with pytest.raises(ValueError, match="time_length"):
@@ -381,7 +396,7 @@ def test_trajectory_starts_at_x_and_ends_at_z() -> None:
     x = data(n=4, d=2)
     z, _ = cnf(x)
     times = torch.tensor([0.0, 0.1, 0.25, 0.6], dtype=DTYPE)
-    traj = cnf.trajectory(x, times)
+    traj = cnf.solve(x, times=times).trajectory
     assert traj.shape == (4, 4, 2)
     torch.testing.assert_close(traj[0], x, rtol=0, atol=1e-12)
     torch.testing.assert_close(traj[-1], z, rtol=0, atol=1e-7)
@@ -389,7 +404,7 @@ def test_trajectory_starts_at_x_and_ends_at_z() -> None:
     rest = integrate(net, traj[2], t0=0.25, t1=0.6, solver=cnf.solver).z
     torch.testing.assert_close(rest, z, rtol=0, atol=1e-7)
     with pytest.raises(ValueError, match="times"):
-        cnf.trajectory(x, torch.tensor([0.5, 0.1], dtype=DTYPE))
+        cnf.solve(x, times=torch.tensor([0.5, 0.1], dtype=DTYPE))
 
 
 # ------------------------------------------------------ moving batch norm
@@ -427,17 +442,17 @@ def test_moving_batch_norm_round_trip_and_logdet() -> None:
 
 
 def test_cnf_stack_with_batch_norm_is_a_bijection() -> None:
-    cfg = {**FFJORDSchema().__dict__}
+    cfg: dict = {}
     cfg.update(
         hidden_dims=[8],
         zero_init=False,
         num_blocks=2,
         batch_norm=True,
         time_length=0.5,
-        solver={"method": "dopri5", "rtol": 1e-9, "atol": 1e-9},
+        solver={"name": "dopri5", "rtol": 1e-9, "atol": 1e-9},
     )
     torch.manual_seed(0)
-    model = build_ffjord(cfg, (2,), eval_solver=TIGHT, eval_divergence=ExactDivergence()).to(DTYPE)
+    model = ffjord(cfg).to(DTYPE)
     assert sum(isinstance(f, MovingBatchNorm) for f in model.flow.flows) == 3
     model.train()
     model.training_loss(3 + 2 * data(n=64, d=2))  # moves the running statistics
@@ -453,26 +468,26 @@ def test_cnf_stack_with_batch_norm_is_a_bijection() -> None:
 # ------------------------------------------------------- solver settings, NFE
 def test_solver_config_rejects_unknown_method_listing_valid_ones() -> None:
     with pytest.raises(ValueError) as info:
-        SolverConfig(method="nosuch")
+        SolverConfig(name="nosuch")
     msg = str(info.value)
     assert "nosuch" in msg and "\n" not in msg
     for name in ("dopri5", "rk4", "euler", "midpoint"):
         assert name in msg
-    assert {"dopri5", "rk4", "euler"} <= METHODS
+    assert {"dopri5", "rk4", "euler"} <= set(METHODS)
     with pytest.raises(ValueError, match="steps"):
-        SolverConfig(method="rk4")
+        SolverConfig(name="rk4")
     with pytest.raises(ValueError, match="rtol"):
-        SolverConfig(method="dopri5", rtol=0.0)
+        SolverConfig(name="dopri5", rtol=0.0)
 
 
 def test_solver_describe_reports_relevant_settings() -> None:
-    assert SolverConfig(method="rk4", steps=8).describe() == {
-        "method": "rk4",
+    assert SolverConfig(name="rk4", steps=8).describe() == {
+        "name": "rk4",
         "steps": 8,
         "adjoint": False,
     }
     d = SolverConfig(adjoint=True, seminorm=True).describe()
-    assert d["method"] == "dopri5" and d["seminorm"] is True and "steps" not in d
+    assert d["name"] == "dopri5" and d["seminorm"] is True and "steps" not in d
 
 
 @pytest.mark.parametrize("adjoint", [False, True], ids=["backprop", "adjoint"])
@@ -499,22 +514,20 @@ def test_nfe_counters(adjoint: bool) -> None:
 
 
 def test_ffjord_model_reports_nfe_and_eval_settings() -> None:
-    cfg = {**FFJORDSchema().__dict__}
-    cfg.update(hidden_dims=[8], zero_init=False, solver={"method": "rk4", "steps": 3}, kinetic=0.1)
+    cfg: dict = {}
+    cfg.update(hidden_dims=[8], zero_init=False, solver={"name": "rk4", "steps": 3}, kinetic=0.1)
     torch.manual_seed(0)
-    eval_solver = SolverConfig(rtol=1e-6, atol=1e-6)
-    model = build_ffjord(cfg, (2,), eval_solver=eval_solver, eval_divergence=ExactDivergence())
-    model = model.to(DTYPE)
+    model = ffjord(cfg, SolverConfig(rtol=1e-6, atol=1e-6)).to(DTYPE)
     x = data(n=16, d=2)
     out = model.training_loss(x)
     assert out.stats["nfe_forward"] == 12  # rk4: 4 evaluations per step, 3 steps
     assert out.stats["kinetic"] > 0
     out.loss.backward()
-    assert model.backward_stats() == {"nfe_backward": 0}
+    assert out.after_backward() == {"nfe_backward": 0}
     ev = model.evaluate(x)
     assert ev.stats["nfe"] > 0 and ev.stats["nfe"] % 6 == 2  # dopri5: 6 per step + 2 (FSAL, init)
-    ev_rk = model.evaluate(x, cost={"method": "rk4", "steps": 2})
+    ev_rk = model.evaluate(x, model.with_settings(method="rk4", steps=2))
     assert ev_rk.stats["nfe"] == 8
-    # The cost override is temporary: the next evaluation is the default again.
+    # Settings are per call: the next evaluation is the default again.
     assert model.evaluate(x).stats["nfe"] == ev.stats["nfe"]
     np.testing.assert_allclose(model.evaluate(x).nll.numpy(), ev.nll.numpy(), rtol=0, atol=0)

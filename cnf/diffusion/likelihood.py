@@ -156,4 +156,4 @@ def probability_flow_nll(
 def probability_flow_cnf(score_fn: Any, sde: LinearSDE, *, eps: float | None = None) -> CNF:
     """The probability-flow ODE as a :class:`~cnf.flows.cnf.CNF` block on ``[ε, T]``."""
     eps = sde.eps if eps is None else eps
-    return CNF(ProbabilityFlow(score_fn, sde, t_min=eps), t0=eps, t1=sde.T)
+    return CNF(ProbabilityFlow(score_fn, sde, t_min=eps), t0=eps, time_length=sde.T - eps)

@@ -9,7 +9,7 @@ divergence. The solver and divergence estimator of a call come from its
 :class:`~cnf.flows.base.FlowSettings` (default: the block's training
 settings), and the call's statistics come back with its result.
 
-The end time can be learned: ``t1 = t0 + exp(log_T)`` enters the solve as a
+The end time can be learned: ``t0 + exp(log_T)`` enters the solve as a
 differentiable interval end (see :mod:`cnf.solve`), so it really receives a
 gradient — unlike FFJORD's ``train_T``, which rebuilt the time tensor with
 ``torch.tensor`` and cut the graph.
@@ -38,13 +38,13 @@ __all__ = ["CNF"]
 
 
 class CNF(Flow):
-    """One CNF block on ``[t0, t1]``.
+    """One CNF block on ``[t0, t0 + T]``.
 
     Args:
         field: Vector field module ``(t, z) -> dz/dt`` (e.g. :class:`cnf.nets.TimeMLP`).
         t0: Start time (the data end).
-        t1: End time (the base end); its initial value if learned.
-        learn_time: Learn the interval length ``T = t1 − t0`` (as ``exp(log_T)``).
+        time_length: Length ``T`` of the interval (its initial value if learned).
+        learn_time: Learn ``T`` (as ``exp(log_T)``).
         solver: Solver of calls that do not choose one (training).
         divergence: Trace estimator of calls that do not choose one (training).
         kinetic, jacobian: The RNODE regularisers this block integrates when a
@@ -56,7 +56,7 @@ class CNF(Flow):
         field: nn.Module,
         *,
         t0: float = 0.0,
-        t1: float = 1.0,
+        time_length: float = 1.0,
         learn_time: bool = False,
         solver: SolverConfig | None = None,
         divergence: DivergenceEstimator | None = None,
@@ -64,11 +64,11 @@ class CNF(Flow):
         jacobian: bool = False,
     ):
         super().__init__()
-        if not t1 > t0:
-            raise ValueError(f"a CNF block needs t1 > t0, got [{t0}, {t1}]")
+        if time_length <= 0:
+            raise ValueError(f"time_length must be > 0, got {time_length}")
         self.field = field
-        self.t0, self.t1 = float(t0), float(t1)
-        self.log_T = nn.Parameter(torch.tensor(math.log(t1 - t0))) if learn_time else None
+        self.t0, self.time_length = float(t0), float(time_length)
+        self.log_T = nn.Parameter(torch.tensor(math.log(time_length))) if learn_time else None
         self.solver = solver or SolverConfig()
         self.divergence = divergence or ExactDivergence()
         self.kinetic, self.jacobian = kinetic, jacobian
@@ -82,11 +82,11 @@ class CNF(Flow):
     @property
     def T(self) -> Tensor | float:  # noqa: N802 - paper notation
         """Length of the interval (a tensor when learned)."""
-        return self.log_T.exp() if self.log_T is not None else self.t1 - self.t0
+        return self.log_T.exp() if self.log_T is not None else self.time_length
 
     def _end(self, like: Tensor) -> Tensor | float:
         if self.log_T is None:
-            return self.t1
+            return self.t0 + self.time_length
         return self.t0 + self.log_T.exp().to(like.dtype)
 
     def solve(

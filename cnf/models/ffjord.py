@@ -93,6 +93,11 @@ class FFJORD(GenerativeModel):
     def cnfs(self) -> list[CNF]:
         return [m for m in self.flow.modules() if isinstance(m, CNF)]
 
+    def log_prob(self, x: Tensor, settings: ODESettings | None = None) -> Tensor:
+        """``log p(x)`` per sample ``(B,)`` in nats under ``settings`` (default: the model's)."""
+        s = self._resolve(settings)
+        return flow_log_prob(self.data_to_base, self.base, x, s.flow_settings(self.dim))[0]
+
     def training_loss(self, x: Tensor) -> LossOutput:
         regularize = self.kinetic_weight > 0 or self.jacobian_weight > 0
         settings = FlowSettings(regularize=regularize)
@@ -169,7 +174,7 @@ def build_ffjord(
         blocks.append(
             CNF(
                 field_,
-                t1=cfg.time_length,
+                time_length=cfg.time_length,
                 learn_time=cfg.learn_time,
                 solver=solver,
                 divergence=divergence,

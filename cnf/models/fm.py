@@ -92,7 +92,7 @@ class FlowMatchingModel(GenerativeModel):
         self.preprocess = preprocess or Preprocess()
         self.flatten = Reshape(self.event_shape, (self.dim,))
         # The learned field is a CNF from data (t = 0) to noise (t = 1).
-        self.cnf = CNF(field, t0=0.0, t1=1.0)
+        self.cnf = CNF(field, time_length=1.0)
         self.base = DiagonalNormal()
         # Reflow pairs are data, not weights: not saved in checkpoints (the
         # config names their file), but moved with the model by .to().
