@@ -82,6 +82,7 @@ class TrackSchema:
     name: str | None = None
     tags: list[str] = field(default_factory=list)
     system_metrics: bool = True  # W&B's CPU/GPU/memory sampler (a separate process)
+    init_timeout: float = 30.0  # seconds for an online W&B init; then offline (one warning)
 
 
 @dataclass
@@ -197,6 +198,7 @@ def validate(cfg: DictConfig) -> None:
             "eval.num_probes": cfg.eval.num_probes,
             "data.test_size": cfg.data.test_size,
             "data.val_size": cfg.data.val_size,
+            "track.init_timeout": cfg.track.init_timeout,
         }
         for key, value in positive.items():
             if value <= 0:
