@@ -112,7 +112,9 @@ class ScoreSchema:
     data_shift: float = 0.0
     nll_correction: str = "truncate"  # [0, ε]: truncate | perturb
     nelbo_samples: int = 8  # time samples per test point of the NELBO; 0 = no NELBO
-    nelbo_importance: bool = True  # NELBO with t ~ g²/σ² (else uniform)
+    # NELBO with t ~ g²/σ² (else uniform t with the small-t term integrated
+    # exactly: a cross-check, same expectation; see cnf.diffusion.score.nelbo)
+    nelbo_importance: bool = True
     sampler: str = "ode"  # default sampler: ode | em | pc | sdeint
     sample_steps: int = 500  # em / pc / sdeint steps
     snr: float = 0.16  # pc: Langevin signal-to-noise ratio
@@ -132,7 +134,11 @@ class ScoreModel(GenerativeModel):
         data_scale, data_shift: The fixed affine map applied to the data.
         nll_correction: ``truncate`` | ``perturb``.
         nelbo_samples: Time samples per point of the evaluation NELBO (0: none).
-        nelbo_importance: Importance-sample the NELBO's times.
+        nelbo_importance: Importance-sample the NELBO's times (default). ``False``
+            draws them uniformly; the weight ``g²/σ² ~ 1/t`` would then give the
+            estimate a variance ~ 1/ε, so :func:`~cnf.diffusion.score.nelbo`
+            integrates the part that does not vanish at t = 0 exactly, which
+            leaves a finite variance comparable to importance sampling's.
         sampler, sample_steps, snr, corrector_steps, sde_method: Sampling defaults.
 
     Example:
