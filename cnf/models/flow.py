@@ -48,7 +48,14 @@ from torch import Tensor, nn
 from cnf.flows.base import Flow, IdentityFlow, standard_normal_logprob
 from cnf.flows.logit import LogitTransform
 from cnf.flows.registry import FLOWS, build_flow
-from cnf.flows.residual import ExactLogDet, LogDetEstimator, ResidualBlock, SeriesLogDet
+from cnf.flows.residual import (
+    POISSON_REFUSED,
+    ROULETTE_DISTRIBUTIONS,
+    ExactLogDet,
+    LogDetEstimator,
+    ResidualBlock,
+    SeriesLogDet,
+)
 from cnf.models.base import EvalOutput, GenerativeModel, LossOutput
 
 __all__ = [
@@ -330,6 +337,14 @@ def check_flow_section(m: Mapping[str, Any], *, allow_identity: bool = False) ->
             raise ValueError(
                 f"model.flow_kwargs: unknown option(s) {', '.join(unknown)} for flow "
                 f"'{m['flow']}'; valid: {', '.join(sorted(options))}"
+            )
+        dist = kwargs.get("roulette_distribution", "geometric")
+        if dist == "poisson":
+            raise ValueError(f"model.flow_kwargs.roulette_distribution: {POISSON_REFUSED}")
+        if dist not in ROULETTE_DISTRIBUTIONS:
+            raise ValueError(
+                f"model.flow_kwargs.roulette_distribution: unknown value '{dist}'; "
+                f"valid: {', '.join(ROULETTE_DISTRIBUTIONS)}"
             )
 
 
