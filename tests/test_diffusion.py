@@ -34,6 +34,7 @@ from cnf.diffusion import (
 )
 from cnf.diffusion.likelihood import ProbabilityFlow
 from cnf.diffusion.nets import ScoreMLP, ScoreNetwork
+from cnf.diffusion.samplers import langevin_alpha, langevin_step, time_grid
 from cnf.diffusion.score import cv_integral, sample_time
 from cnf.diffusion.unet import UNet
 from cnf.divergence import ExactDivergence, HutchinsonDivergence
@@ -458,6 +459,57 @@ def test_samplers_reproduce_gaussian_moments(name):
     cov = sde.prior_std**2 * a_map @ a_map.T
     assert torch.allclose(x_T @ a_map.T + mean, xs, atol=1e-4)  # the flow map itself
     _check_moments(xs, mean, cov, tol_mean=0.045, tol_cov=0.07)
+
+
+def test_langevin_step_size_follows_song_et_al():
+    """PC corrector: δ = 2 α (r ‖z‖/‖s‖)², α = 1 − β_i for VP and sub-VP, 1 for VE (Alg. 4/5)."""
+    vp, subvp, ve = make_sde("vp"), make_sde("subvp"), make_sde("ve")
+    ts = time_grid(vp, 1000, like=torch.zeros(1, dtype=DT))
+    t, t_next = ts[0], ts[1]
+    dt = float(t - t_next)
+    alpha = langevin_alpha(vp, t, t_next)
+    # exp(−∫β) over the step: Song et al.'s 1 − β(t) Δt to first order.
+    integral = float(vp.integral_beta(t) - vp.integral_beta(t_next))
+    assert float(alpha) == pytest.approx(math.exp(-integral), rel=1e-12)
+    print(f"VP alpha at t=1, 1000 steps: {float(alpha):.6f}; 1 - beta dt = {1 - 20.0 * dt:.6f}")
+    assert abs(float(alpha) - (1 - float(vp.beta(t)) * dt)) < 3e-4
+    assert float(langevin_alpha(subvp, t, t_next)) == pytest.approx(float(alpha), rel=1e-12)
+    assert float(langevin_alpha(ve, t, t_next)) == 1.0
+    coarse = time_grid(vp, 10, like=torch.zeros(1, dtype=DT))  # 1 − β Δt = −1 here
+    assert 0 < float(langevin_alpha(vp, coarse[0], coarse[1])) < 1
+
+    # The step itself, with a known score and the same noise.
+    x = torch.tensor([[1.0, -2.0], [0.5, 0.0], [-1.0, 3.0]], dtype=DT)
+    score = lambda t, x: -0.5 * x  # noqa: E731
+    out = langevin_step(score, x, t, snr=0.16, alpha=alpha, generator=gen(3))
+    z = torch.randn(x.shape, generator=gen(3), dtype=DT)
+    s = -0.5 * x
+    delta = 2 * float(alpha) * (0.16 * z.norm(dim=1).mean() / s.norm(dim=1).mean()) ** 2
+    assert torch.allclose(out, x + delta * s + math.sqrt(2 * delta) * z, rtol=1e-12, atol=1e-12)
+
+
+@pytest.mark.parametrize("name", ["vp", "subvp", "ve"])
+def test_predictor_corrector_passes_alpha_to_every_corrector_step(name, monkeypatch):
+    import cnf.diffusion.samplers as samplers
+
+    sde = make_sde(name)
+    seen = []
+    real = samplers.langevin_step
+
+    def spy(score_fn, x, t, *, snr, alpha=1.0, generator=None):
+        seen.append((float(t), float(alpha)))
+        return real(score_fn, x, t, snr=snr, alpha=alpha, generator=generator)
+
+    monkeypatch.setattr(samplers, "langevin_step", spy)
+    x_T = sde.prior_sample((64, 2), generator=gen(4), dtype=DT)
+    samplers.predictor_corrector(lambda t, x: -x, sde, x_T, steps=5, corrector_steps=2)
+    ts = time_grid(sde, 5, like=x_T)
+    expected = [float(langevin_alpha(sde, ts[i], ts[i + 1])) for i in range(5) for _ in range(2)]
+    assert [a for _, a in seen] == pytest.approx(expected, rel=1e-12)
+    if name == "ve":
+        assert all(a == 1.0 for _, a in seen)
+    else:
+        assert all(0 < a < 1 for _, a in seen)
 
 
 def test_sdeint_sampler_and_registry():
