@@ -293,6 +293,63 @@ def test_probability_flow_nll_exact_score(name):
     assert (nll + data0.log_prob(0.0, x)).abs().max() / 2 < 1e-3
 
 
+def _count_jacobian_calls(monkeypatch):
+    """Count ``ScoreNetwork.score_with_jacobian`` calls and forbid ``torch.autograd.grad``."""
+    calls = {"jacobian": 0}
+    real = ScoreNetwork.score_with_jacobian
+
+    def counted(self, t, x):
+        calls["jacobian"] += 1
+        return real(self, t, x)
+
+    def no_grad_call(*args, **kwargs):
+        raise AssertionError("torch.autograd.grad called: the forward-mode path was not taken")
+
+    monkeypatch.setattr(ScoreNetwork, "score_with_jacobian", counted)
+    monkeypatch.setattr(torch.autograd, "grad", no_grad_call)
+    return calls
+
+
+def test_exact_divergence_takes_the_probability_flow_jacobian(monkeypatch):
+    """ExactDivergence on the probability-flow field: forward-mode Jacobian, no autograd.grad."""
+    sde = make_sde("vp")
+    torch.manual_seed(0)
+    net = ScoreMLP(3, (16, 16), activation="tanh", embed_scale=1.0).to(DT)
+    field = ProbabilityFlow(ScoreNetwork(net, sde, "noise"), sde)
+    x = torch.randn(5, 3, dtype=DT, generator=gen(1))
+    t = torch.tensor(0.4, dtype=DT)
+    xr = x.clone().requires_grad_(True)
+    fr = field(t, xr)
+    rows = torch.stack(
+        [torch.autograd.grad(fr[:, j].sum(), xr, retain_graph=True)[0] for j in range(3)], 1
+    )  # rows[b, j, i] = ∂f_j/∂x_i (brute force, before autograd.grad is forbidden)
+    calls = _count_jacobian_calls(monkeypatch)
+    f, div, frob = ExactDivergence().evaluate(field, t, x, None, frobenius=True)
+    assert calls["jacobian"] == 1
+    torch.testing.assert_close(f, fr.detach(), rtol=1e-12, atol=1e-12)
+    torch.testing.assert_close(div, rows.diagonal(dim1=1, dim2=2).sum(-1), rtol=1e-10, atol=1e-12)
+    torch.testing.assert_close(frob, rows.pow(2).sum((1, 2)), rtol=1e-10, atol=1e-12)
+
+
+def test_score_model_nll_fast_path_equals_autograd_path(monkeypatch):
+    """A score model's probability-flow NLL (float64): forward-mode trace = autograd trace."""
+    from cnf.models.score import build_score
+
+    torch.manual_seed(3)
+    model = build_score({"hidden_dims": [16, 16], "nelbo_samples": 0}, (2,)).to(DT)
+    x = torch.randn(16, 2, dtype=DT, generator=gen(5))
+    cost = {"rtol": 1e-9, "atol": 1e-9}
+    with monkeypatch.context() as mp:
+        calls = _count_jacobian_calls(mp)
+        fast = model.evaluate(x, cost=cost)
+        assert calls["jacobian"] > 0  # one per function evaluation
+        assert calls["jacobian"] == fast.stats["nfe"]
+    with monkeypatch.context() as mp:  # hide the Jacobian: the autograd path
+        mp.setattr(ScoreNetwork, "has_jacobian", property(lambda self: False))
+        slow = model.evaluate(x, cost=cost)
+    torch.testing.assert_close(fast.nll, slow.nll, rtol=1e-9, atol=1e-9)
+
+
 def test_probability_flow_hutchinson_and_jacobian_paths():
     """Hutchinson averages to the exact trace; the forward-mode Jacobian path equals autograd."""
     sde = make_sde("vp")
