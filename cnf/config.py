@@ -153,7 +153,7 @@ _RESFLOW_LOGDET = {
     "n_exact_terms": "n_exact_terms",
     "roulette_distribution": "distribution",
     "geometric_p": "geometric_p",
-    "poisson_rate": "poisson_rate",
+    "poisson_rate": None,  # Poisson roulette is refused (infinite variance): the rate is unused
     "probe": "probe",
     "neumann_grad": "neumann_grad",
 }
@@ -181,7 +181,9 @@ def _migrate_flow(m: DictConfig, moved: list[str]) -> None:
         section = {"name": logdet} if isinstance(logdet, str) else dict(logdet or {})
         for old, new in _RESFLOW_LOGDET.items():
             if old in flow:
-                section[new] = flow.pop(old)
+                value = flow.pop(old)
+                if new is not None:
+                    section[new] = value
         flow["logdet"] = section
         moved.append("model.flow.{logdet, n_*_terms, ...} → model.flow.logdet.*")
 

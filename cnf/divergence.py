@@ -125,10 +125,15 @@ class DivergenceEstimator:
 
 
 class ExactDivergence(DivergenceEstimator):
-    """Exact trace from the full Jacobian, built by one batched VJP.
+    """Exact trace from the full Jacobian.
 
-    Cost: D vector–Jacobian products vectorised into one backward call. Use it
-    in low dimension (tabular, 2-D); FFJORD evaluates images with Hutchinson.
+    For vector states ``(B, D)``, :meth:`evaluate` takes the field's
+    forward-mode path when it has one: ``forward_with_trace(t, z, frobenius=)``
+    (returns ``(f, div, frob)``), else ``forward_with_jacobian(t, z)`` (returns
+    ``f`` and ``J`` of shape ``(D, B, D)``, ``J[i, b, j] = ∂f_j/∂z_i``). Otherwise
+    the Jacobian comes from D vector–Jacobian products vectorised into one
+    backward call. Use it in low dimension (tabular, 2-D); FFJORD evaluates
+    images with Hutchinson.
     """
 
     name = "exact"
@@ -142,13 +147,24 @@ class ExactDivergence(DivergenceEstimator):
         *,
         frobenius: bool = False,
     ) -> tuple[Tensor, Tensor, Tensor | None]:
-        # Fields that can propagate their Jacobian forward (TimeMLP) give the
-        # exact trace without any autograd.grad call: cheaper in low dimension,
-        # and the training backward pass is a plain (not double) backward.
-        trace_fn = getattr(field, "forward_with_trace", None)
-        if trace_fn is None or z.dim() != 2:
-            return super().evaluate(field, t, z, probe, frobenius=frobenius)
-        return trace_fn(t, z, frobenius=frobenius)
+        # Fields that can propagate their Jacobian forward give the exact trace
+        # without any autograd.grad call: cheaper in low dimension, and the
+        # training backward pass is a plain (not double) backward. One
+        # dispatch, in order: ``forward_with_trace`` (TimeMLP: trace and
+        # Frobenius norm directly), ``forward_with_jacobian`` (the
+        # probability-flow field of score and INDM models: the full Jacobian),
+        # else autograd (one batched VJP).
+        if z.dim() == 2:
+            trace_fn = getattr(field, "forward_with_trace", None)
+            if trace_fn is not None:
+                return trace_fn(t, z, frobenius=frobenius)
+            jac_fn = getattr(field, "forward_with_jacobian", None)
+            if jac_fn is not None:
+                f, jac = jac_fn(t, z)  # jac[i, b, j] = ∂f_j/∂z_i, shape (D, B, D)
+                div = torch.einsum("ibi->b", jac)
+                frob = jac.pow(2).sum(dim=(0, 2)) if frobenius else None
+                return f, div, frob
+        return super().evaluate(field, t, z, probe, frobenius=frobenius)
 
     def __call__(
         self,

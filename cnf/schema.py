@@ -325,7 +325,9 @@ class ScoreSchema:
     preprocess: PreprocessSchema = field(default_factory=PreprocessSchema)
     nll_correction: str = "truncate"  # [0, ε]: truncate | perturb
     nelbo_samples: int = 8  # time samples per test point of the NELBO; 0 = no NELBO
-    nelbo_importance: bool = True  # NELBO with t ~ g²/σ² (else uniform)
+    # NELBO with t ~ g²/σ² (else uniform t with the small-t term integrated
+    # exactly: a cross-check, same expectation; see cnf.diffusion.score.nelbo)
+    nelbo_importance: bool = True
     sampler: SamplerSchema = field(default_factory=SamplerSchema)
 
     def __post_init__(self) -> None:
@@ -523,9 +525,11 @@ class TrackSchema:
     name: str | None = None
     tags: list[str] = field(default_factory=list)
     system_metrics: bool = True  # W&B's CPU/GPU/memory sampler (a separate process)
+    init_timeout: float = 30.0  # seconds for an online W&B init; then offline (one warning)
 
     def __post_init__(self) -> None:
         _check("WANDB_MODES", "wandb", self.wandb)
+        _positive(init_timeout=self.init_timeout)
 
 
 @dataclass

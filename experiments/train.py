@@ -27,6 +27,7 @@ for _sig in (signal.SIGTERM, signal.SIGUSR1):
 
 import argparse  # noqa: E402
 import os  # noqa: E402
+import sys  # noqa: E402
 
 import _cli  # noqa: E402
 from omegaconf import OmegaConf  # noqa: E402
@@ -41,9 +42,12 @@ def make_tracker(cfg, trainer: Trainer):
 
     The run id is kept in the checkpoint and in the run folder's ``wandb_id.txt``
     (written at once, so a run pre-empted before its first checkpoint keeps its
-    id) and reused with ``resume="allow"`` when the run resumes.
+    id) and reused with ``resume="allow"`` when the run resumes. W&B never stops
+    training: an online init that fails or times out (``track.init_timeout``)
+    logs offline instead, and any other W&B error is one warning line, after
+    which W&B is off for the rest of the run (:class:`~cnf.train.tracking.WandbTracker`).
     """
-    from cnf.train.tracking import WandbTracker, wandb_mode
+    from cnf.train.tracking import WandbTracker, redact, wandb_mode
 
     mode = wandb_mode(cfg.track.wandb)
     if mode == "disabled" or trainer.rank != 0:
@@ -51,23 +55,31 @@ def make_tracker(cfg, trainer: Trainer):
     if mode != cfg.track.wandb:
         print(f"W&B: track.wandb={cfg.track.wandb} but no API key is configured; logging {mode}")
     os.environ.setdefault("WANDB_SILENT", "true")
-    if trainer.wandb_id is None:
-        trainer.wandb_id = trainer.folder.read_wandb_id()
-    tracker = WandbTracker(
-        run_dir=trainer.run_dir,
-        mode=mode,
-        project=cfg.track.project,
-        entity=cfg.track.entity,
-        group=cfg.track.group,
-        name=cfg.track.name or trainer.run_dir.name,
-        tags=list(cfg.track.tags),
-        system_metrics=cfg.track.system_metrics,
-        config=OmegaConf.to_container(cfg, resolve=True),
-        run_id=trainer.wandb_id,
-    )
-    trainer.wandb_id = tracker.run_id
-    if trainer.wandb_id:
-        trainer.folder.write_wandb_id(trainer.wandb_id)
+    try:
+        if trainer.wandb_id is None:
+            trainer.wandb_id = trainer.folder.read_wandb_id()
+        tracker = WandbTracker(
+            run_dir=trainer.run_dir,
+            mode=mode,
+            project=cfg.track.project,
+            entity=cfg.track.entity,
+            group=cfg.track.group,
+            name=cfg.track.name or trainer.run_dir.name,
+            tags=list(cfg.track.tags),
+            system_metrics=cfg.track.system_metrics,
+            init_timeout=cfg.track.init_timeout,
+            config=OmegaConf.to_container(cfg, resolve=True),
+            run_id=trainer.wandb_id,
+        )
+        if not tracker.enabled:
+            return None
+        trainer.wandb_id = tracker.run_id
+        if trainer.wandb_id:
+            trainer.folder.write_wandb_id(trainer.wandb_id)
+    except Exception as e:  # the tracker is a mirror: never stop training for it
+        msg = redact(f"{type(e).__name__}: {e}".splitlines()[0])
+        print(f"warning: W&B set-up failed ({msg}); W&B is disabled for this run", file=sys.stderr)
+        return None
     return tracker
 
 

@@ -1,4 +1,5 @@
-"""W&B around pre-emption: the run id survives a restart, and the API key is never written.
+"""W&B around pre-emption and failures: the run id survives a restart, the API key is
+never written, and no W&B failure (no route to the server, a failing call) stops training.
 
 The mode is chosen by the config (``online`` without a key becomes
 ``offline``); the run id is written to ``RUN_DIR/wandb_id.txt`` as soon as the
@@ -9,7 +10,9 @@ from __future__ import annotations
 
 import json
 import signal
+import socket
 import subprocess
+import sys
 import time
 
 import pytest
@@ -78,3 +81,104 @@ def test_wandb_id_is_reused_after_a_restart_and_the_key_never_written(tmp_path):
     leaks = [p for p in tmp_path.rglob("*") if p.is_file() and SENTINEL.encode() in p.read_bytes()]
     assert not leaks, leaks
     assert SENTINEL not in out + err
+
+
+FAKE_KEY = "c0ffee42" * 5  # 40 hex characters, the shape of a W&B API key
+
+
+@pytest.mark.slow
+def test_online_without_a_route_falls_back_to_offline_and_training_finishes(tmp_path):
+    """A key but no network (closed port): one warning, offline run, exit 0, key in no file."""
+    run_dir = tmp_path / "run"
+    home = tmp_path / "home"  # no ~/.netrc of the machine running the tests
+    home.mkdir()
+    with socket.socket() as closed:  # bound, never listening: connections are refused
+        closed.bind(("127.0.0.1", 0))
+        port = closed.getsockname()[1]
+        env = subprocess_env(
+            WANDB_API_KEY=FAKE_KEY, WANDB_BASE_URL=f"http://127.0.0.1:{port}", HOME=str(home)
+        )
+        settings = [
+            *[s for s in TINY if not s.startswith("track.wandb")],
+            "track.wandb=online",
+            "track.init_timeout=5",
+            "train.iters=20",
+            "train.batch_size=64",
+            f"run.dir={run_dir}",
+        ]
+        rc, out, err = run_train(*settings, env=env, timeout=300)
+    assert rc == 0, out + err
+    assert "Traceback" not in err, err
+    warnings = [line for line in err.splitlines() if line.startswith("warning: W&B")]
+    assert len(warnings) == 1 and "online init failed" in warnings[0], err
+    print(warnings[0])
+    assert json.loads((run_dir / "final.json").read_text())["iterations"] == 20
+    assert (run_dir / "ckpt.pt").is_file()
+    offline = sorted((run_dir / "wandb").glob("offline-run-*"))
+    assert len(offline) == 1, sorted((run_dir / "wandb").iterdir())
+    run_id = (run_dir / "wandb_id.txt").read_text().strip()
+    assert offline[0].name.endswith(f"-{run_id}")
+    leaks = [p for p in tmp_path.rglob("*") if p.is_file() and FAKE_KEY.encode() in p.read_bytes()]
+    assert not leaks, leaks
+    assert FAKE_KEY not in out + err
+
+
+def test_a_failing_wandb_call_warns_once_and_disables_wandb(monkeypatch):
+    """Any exception from wandb after init: one warning, W&B off, later calls are no-ops."""
+    import types
+
+    from cnf.train.tracking import WandbTracker
+
+    calls = []
+
+    class BrokenRun:
+        id = "abc123"
+        summary: dict = {}
+
+        def log(self, record, step):
+            calls.append(step)
+            raise ConnectionError(f"lost the server (key {FAKE_KEY})")
+
+        def finish(self):
+            raise AssertionError("finish must not be called once W&B is disabled")
+
+    fake = types.SimpleNamespace(init=lambda **kw: BrokenRun(), Settings=lambda **kw: kw)
+    monkeypatch.setitem(sys.modules, "wandb", fake)
+    monkeypatch.setenv("WANDB_API_KEY", FAKE_KEY)
+    warned = []
+    tracker = WandbTracker(run_dir=".", mode="online", project="p", config={}, warn=warned.append)
+    assert tracker.enabled and tracker.run_id == "abc123"
+    for step in range(3):
+        tracker.log({"loss": 1.0}, step)
+    tracker.summary({"x": 1})
+    tracker.finish()
+    assert calls == [0]  # disabled after the first failure
+    assert len(warned) == 1 and "log failed" in warned[0] and "disabled" in warned[0], warned
+    assert FAKE_KEY not in warned[0]
+
+
+def test_online_init_error_falls_back_to_offline_with_one_warning(monkeypatch):
+    import types
+
+    from cnf.train.tracking import WandbTracker
+
+    modes, settings = [], []
+
+    class Run:
+        id = "off1"
+
+    def init(**kw):
+        modes.append(kw["mode"])
+        settings.append(kw["settings"])
+        if kw["mode"] == "online":
+            raise RuntimeError("Timed out while retrying: connection refused")
+        return Run()
+
+    monkeypatch.setitem(sys.modules, "wandb", types.SimpleNamespace(init=init, Settings=dict))
+    warned = []
+    tracker = WandbTracker(
+        run_dir="rd", mode="online", project="p", config={}, init_timeout=7, warn=warned.append
+    )
+    assert modes == ["online", "offline"] and tracker.mode == "offline" and tracker.enabled
+    assert settings[0]["init_timeout"] == 7.0
+    assert len(warned) == 1 and "logging offline" in warned[0], warned

@@ -80,8 +80,9 @@ class ProbabilityFlow(nn.Module):
     constantly in t outside ``[t_min, T]``; inside it is unchanged.
 
     If ``score_fn`` has ``score_with_jacobian`` (vector data), the field gets
-    ``forward_with_jacobian`` and :class:`~cnf.divergence.ExactDivergence`
-    uses forward-mode Jacobians instead of D reverse passes.
+    ``forward_with_jacobian`` (``J[i, b, j] = ∂f_j/∂x_i``, shape ``(D, B, D)``)
+    and :class:`~cnf.divergence.ExactDivergence` takes its trace and Frobenius
+    norm from it, with no ``autograd.grad`` call.
     """
 
     def __init__(self, score_fn: Any, sde: LinearSDE, *, t_min: float | None = None):

@@ -15,7 +15,10 @@ Reverse-time SDE (Anderson 1982; Song et al. 2021, eq. 6)::
   of size ``g(ε)√Δt`` would only blur the samples).
 * :func:`predictor_corrector` — before each predictor step, ``corrector_steps``
   Langevin steps ``x ← x + δ s + √(2δ) z`` targeting ``p_t``, with
-  ``δ = 2 (snr ‖z‖ / ‖s‖)²``, norms averaged over the batch (Song et al. 2021, Alg. 4/5).
+  ``δ = 2 α (snr ‖z‖ / ‖s‖)²``, norms averaged over the batch (Song et al.
+  2021, Alg. 4/5): ``α = 1`` for VE (Alg. 4) and ``α_i = 1 − β_i`` of the
+  discretised VP chain (Alg. 5), ``≈ 1 − β(t_i) Δt`` (:func:`langevin_alpha`);
+  sub-VP uses the VP rule, as Song et al.'s code does.
 * :func:`probability_flow_sample` — ``dx/dt = f x − ½ g² s`` through
   :func:`cnf.solve.integrate` (adaptive tolerance or fixed steps).
 * :func:`sdeint_sample` — the reverse SDE through ``torchsde.sdeint`` (any of
@@ -49,6 +52,8 @@ __all__ = [
     "SDE_METHODS",
     "SamplerOptions",
     "euler_maruyama",
+    "langevin_alpha",
+    "langevin_step",
     "predictor_corrector",
     "probability_flow_sample",
     "sdeint_sample",
@@ -146,21 +151,68 @@ def euler_maruyama(
     return x, {"nfe": steps}
 
 
+def langevin_alpha(sde: LinearSDE, t: Tensor, t_next: Tensor) -> Tensor:
+    """The ``α_i`` of the Langevin step size at time ``t`` (grid step ``t -> t_next < t``).
+
+    Song et al. (2021, Alg. 5) scale the corrector's step by ``α_i = 1 − β_i``,
+    the per-step signal retention of the discretised VP chain
+    ``x_i = √(1 − β_i) x_{i−1} + √β_i z`` (their code: ``1 − β(t)/N``, i.e.
+    ``1 − β(t) Δt``), and use ``α = 1`` for VE (Alg. 4). Here ``α_i`` is the
+    retention of the linear SDE over the grid step ending at ``t``,
+
+        α_i = m(t)² / m(t_next)² = exp(−∫_{t_next}^{t} β),
+
+    which is ``1 − β(t) Δt + O(Δt²)`` for VP (about 2e-4 apart at t = 1 with
+    1000 steps) and stays in ``(0, 1]`` for any number of steps, where
+    ``1 − β Δt`` turns negative once ``β Δt > 1`` (t = 1 with 20 steps or fewer). Sub-VP has VP's mean coefficient, so it gets the same
+    ``α`` (Song et al.'s code treats it as VP too); for VE ``m = 1`` and
+    ``α = 1``.
+
+    Args:
+        sde: The forward SDE.
+        t, t_next: 0-dim times, ``t_next < t`` (the predictor's next time).
+
+    Returns:
+        0-dim ``α``.
+    """
+    m, m_next = sde.marginal(t)[0], sde.marginal(t_next)[0]
+    return (m / m_next).pow(2)
+
+
 @torch.no_grad()
 def langevin_step(
-    score_fn: ScoreFn, x: Tensor, t: Tensor, *, snr: float, generator: torch.Generator | None = None
+    score_fn: ScoreFn,
+    x: Tensor,
+    t: Tensor,
+    *,
+    snr: float,
+    alpha: float | Tensor = 1.0,
+    generator: torch.Generator | None = None,
 ) -> Tensor:
-    """One Langevin step targeting ``p_t`` with the step size set by the signal-to-noise ratio."""
+    """One Langevin step targeting ``p_t``, step size ``δ = 2 α (snr ‖z‖/‖s‖)²``.
+
+    Args:
+        score_fn: ``(t, x) -> s``.
+        x: Current points ``(B, *event)``.
+        t: 0-dim time.
+        snr: Signal-to-noise ratio ``r``.
+        alpha: ``α`` of Song et al. (2021, Alg. 4/5): 1 for VE,
+            :func:`langevin_alpha` for VP and sub-VP.
+        generator: For the noise ``z``.
+
+    Returns:
+        ``x + δ s + √(2δ) z``, shape of ``x``.
+    """
     tb = t.expand(x.shape[0])
     grad = score_fn(tb, x)
     z = _noise(x, generator)
     b = x.shape[0]
-    # ‖δ s‖ / ‖√(2δ) z‖ = snr with batch-averaged norms (Song et al. 2021, Alg. 4/5,
-    # α = 1). Per-sample norms would give points near a mode (‖s‖ ≈ 0) huge
+    # ‖δ s‖ / ‖√(2δ) z‖ = snr √α with batch-averaged norms (Song et al. 2021,
+    # Alg. 4/5). Per-sample norms would give points near a mode (‖s‖ ≈ 0) huge
     # steps, which in low dimension throws them far out.
     gnorm = grad.reshape(b, -1).norm(dim=1).mean().clamp_min(1e-12)
     znorm = z.reshape(b, -1).norm(dim=1).mean()
-    delta = 2 * (snr * znorm / gnorm).pow(2)
+    delta = 2 * alpha * (snr * znorm / gnorm).pow(2)
     return x + delta * grad + (2 * delta).sqrt() * z
 
 
@@ -175,6 +227,11 @@ def predictor_corrector(
 ) -> tuple[Tensor, dict[str, Any]]:
     """Predictor–corrector sampling: Langevin corrector, then an Euler–Maruyama predictor step.
 
+    The corrector's step size is ``δ = 2 α_i (snr ‖z‖/‖s‖)²`` with ``α_i`` from
+    :func:`langevin_alpha`: 1 for VE (Song et al. 2021, Alg. 4), the VP chain's
+    ``α_i = 1 − β_i ≈ 1 − β(t_i) Δt`` for VP (Alg. 5) and, following Song et
+    al.'s code, for sub-VP.
+
     Options: ``steps``; ``snr``, the signal-to-noise ratio of the Langevin
     steps (0.16 in Song et al. for VE on CIFAR-10; smaller is gentler);
     ``corrector_steps``, Langevin steps per time step.
@@ -187,8 +244,9 @@ def predictor_corrector(
     x = x_T
     for i in range(steps):
         t, dt = ts[i], ts[i] - ts[i + 1]
+        alpha = langevin_alpha(sde, t, ts[i + 1])
         for _ in range(corrector_steps):
-            x = langevin_step(score_fn, x, t, snr=snr, generator=generator)
+            x = langevin_step(score_fn, x, t, snr=snr, alpha=alpha, generator=generator)
         x = x - _reverse_drift(score_fn, sde, x, t) * dt
         if i < steps - 1:
             x = x + sde.g(t) * dt.sqrt() * _noise(x, generator)

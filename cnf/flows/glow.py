@@ -44,6 +44,37 @@ def _spatial_size(x: Tensor) -> int:
     return math.prod(x.shape[2:])
 
 
+def _world_size() -> int:
+    """Ranks in the default ``torch.distributed`` process group (1 without one)."""
+    dist = torch.distributed
+    if dist.is_available() and dist.is_initialized():
+        return dist.get_world_size()
+    return 1
+
+
+@torch.no_grad()
+def _pooled_channel_moments(x: Tensor, dims: list[int]) -> tuple[Tensor, Tensor]:
+    """Per-channel mean and population variance over the batches of all ranks.
+
+    Two passes, each one all-reduce (sum) in float64: counts and sums give the
+    global mean, then the squared deviations from it give the variance (no
+    cancellation, unlike ``E[x^2] - E[x]^2``). Shards may differ in size.
+
+    Returns:
+        ``(mean, var)``, each ``(C,)`` in ``x``'s dtype.
+    """
+    dist = torch.distributed
+    xd = x.double()
+    count = x.numel() / x.shape[1]
+    head = torch.cat([xd.sum(dim=dims), xd.new_tensor([count])])
+    dist.all_reduce(head)
+    total = head[-1]
+    mean = head[:-1] / total
+    sq = (xd - _per_channel(mean, xd)).square().sum(dim=dims)
+    dist.all_reduce(sq)
+    return mean.to(x.dtype), (sq / total).to(x.dtype)
+
+
 class ActNorm(Flow):
     """Per-channel affine normalisation ``y = (x + bias) * exp(log_scale)``.
 
@@ -52,6 +83,16 @@ class ActNorm(Flow):
     (data-dependent initialisation, Glow §3.1). The ``initialized`` flag is a
     buffer, so a model restored from a ``state_dict`` is not re-initialised.
     A forward in eval mode before initialisation leaves the layer as the identity.
+
+    Data-parallel training: when a ``torch.distributed`` process group with
+    more than one rank is initialised, the initialisation is collective. Each
+    rank holds a slice of the global batch; the mean and the (population)
+    variance are pooled over all ranks, so every rank sets the same parameters,
+    equal (up to summation order) to those a single process sets from the whole
+    global batch. Data-parallel training averages gradients, not parameters, so
+    a per-rank init would train a different model on every rank. Every rank
+    must therefore run its first training-mode forward together (the first
+    training step does); evaluation runs in eval mode and never initialises.
 
     Args:
         num_features: Channels ``C`` (images) or features ``D`` (vectors).
@@ -74,11 +115,19 @@ class ActNorm(Flow):
 
     @torch.no_grad()
     def initialize(self, x: Tensor) -> None:
-        """Set bias and log-scale from a batch ``x`` of shape ``(B, C, ...)``."""
+        """Set bias and log-scale from a batch ``x`` of shape ``(B, C, ...)``.
+
+        Collective in a multi-rank process group (statistics of the union of the
+        ranks' batches, see the class docstring).
+        """
         dims = [d for d in range(x.dim()) if d != 1]
-        mean = x.mean(dim=dims)
-        # Population std, so the init batch is standardised exactly.
-        std = x.std(dim=dims, unbiased=False)
+        if _world_size() > 1:
+            mean, var = _pooled_channel_moments(x, dims)
+            std = var.sqrt()
+        else:
+            mean = x.mean(dim=dims)
+            # Population std, so the init batch is standardised exactly.
+            std = x.std(dim=dims, unbiased=False)
         self.bias.copy_(-mean)
         self.log_scale.copy_(-torch.log(std + self.eps))
         self.initialized.fill_(True)

@@ -28,6 +28,8 @@ from cnf.registry import Registry
 
 __all__ = [
     "LOGDET_ESTIMATORS",
+    "POISSON_REFUSED",
+    "ROULETTE_DISTRIBUTIONS",
     "ExactLogDet",
     "LogDetEstimator",
     "RouletteLogDet",
@@ -95,24 +97,45 @@ class SeriesLogDet(LogDetEstimator):
         return _power_series(gx, x, v, weights, create_graph)
 
 
+ROULETTE_DISTRIBUTIONS = ("geometric",)
+
+POISSON_REFUSED = (
+    "Russian roulette with a Poisson number of terms has infinite variance: "
+    "P(N >= k) ~ lam^k e^-lam / k! makes the weights 1/P(N >= k) grow like k!/lam^k, "
+    "faster than the series terms v^T J^k v / k shrink (like rho(J)^k), whatever lam; "
+    "use the geometric distribution (finite variance when rho(J)^2 < 1 - geometric_p)"
+)
+
+
 class RouletteLogDet(LogDetEstimator):
     """Unbiased Russian-roulette estimator of Residual Flows.
 
     Per sample, ``N = n_exact_terms + M`` terms are computed, ``M`` drawn from a
-    geometric (``P(M = m) = p (1-p)^m``) or Poisson distribution; term ``k`` is
-    divided by ``P(N >= k)`` (1 for the always-computed terms), so that
+    geometric distribution, ``P(M = m) = p (1-p)^m``; term ``k`` is divided by
+    ``P(N >= k)`` (1 for the always-computed terms), so that
 
         E[ sum_{k<=N} (-1)^{k+1} v^T J^k v / (k P(N >= k)) ] = log det(I + J).
 
     Each sample draws its own ``N`` and probe, so the batch holds independent
-    estimates. The variance is finite when the series terms shrink faster than
-    ``P(N >= k)``, e.g. ``Lip(g)^2 < 1 - p`` for the geometric distribution.
+    estimates.
+
+    **Variance.** The second moment is at least ``sum_k E[(v^T J^k v)^2] /
+    (k^2 P(N >= k))``, and ``E[(v^T J^k v)^2]`` decays like ``rho(J)^{2k}``
+    (``rho`` the spectral radius, at most ``Lip(g)``). With the geometric
+    distribution ``P(N >= k) = (1-p)^{k - n_exact_terms}``, so the variance is
+    finite when ``rho(J)^2 < 1 - p``; ``Lip(g)^2 < 1 - p`` guarantees it
+    (``Lip(g) < 0.707`` for the default ``p = 0.5``; a looser spectral-norm
+    bound is usually still fine because ``rho(J)`` is well below ``Lip(g)``).
+    A Poisson number of terms (offered by the Residual Flows code) is refused:
+    its tail ``P(N >= k) ~ lam^k/k!`` decays faster than any geometric
+    sequence, so the variance is infinite for every rate and every
+    non-nilpotent ``J``, and neither the loss's noise nor a reported standard
+    error would mean anything.
 
     Args:
         n_exact_terms: Terms always computed (lower variance, more cost).
-        distribution: ``"geometric"`` or ``"poisson"``.
+        distribution: ``"geometric"`` (``"poisson"`` raises, see above).
         geometric_p: Success probability ``p`` of the geometric distribution.
-        poisson_rate: Rate of the Poisson distribution.
         probe: ``"gaussian"`` or ``"rademacher"``.
         neumann_grad: Back-propagate the Neumann series for the gradient
             (Residual Flows, §3.2) instead of through the power series: the VJPs
@@ -120,6 +143,9 @@ class RouletteLogDet(LogDetEstimator):
             with ``N``. The value is the same estimate; the gradient is a
             different unbiased estimate of the gradient.
         generator: Optional RNG on ``x``'s device, for reproducible draws.
+
+    Raises:
+        ValueError: ``distribution="poisson"``, or an unknown distribution.
 
     References:
         Chen et al. Residual Flows. NeurIPS 2019, §3.1-3.2.
@@ -131,13 +157,15 @@ class RouletteLogDet(LogDetEstimator):
         n_exact_terms: int = 2,
         distribution: str = "geometric",
         geometric_p: float = 0.5,
-        poisson_rate: float = 2.0,
         probe: str = "gaussian",
         neumann_grad: bool = False,
         generator: torch.Generator | None = None,
     ):
-        if distribution not in ("geometric", "poisson"):
-            raise ValueError(f"unknown distribution {distribution!r}; valid: geometric, poisson")
+        if distribution == "poisson":
+            raise ValueError(POISSON_REFUSED)
+        if distribution not in ROULETTE_DISTRIBUTIONS:
+            valid = ", ".join(ROULETTE_DISTRIBUTIONS)
+            raise ValueError(f"unknown distribution {distribution!r}; valid: {valid}")
         if not 0 < geometric_p < 1:
             raise ValueError(f"geometric_p must be in (0, 1), got {geometric_p}")
         if n_exact_terms < 0:
@@ -145,29 +173,19 @@ class RouletteLogDet(LogDetEstimator):
         self.n_exact_terms = n_exact_terms
         self.distribution = distribution
         self.geometric_p = geometric_p
-        self.poisson_rate = poisson_rate
         self.probe = probe
         self.neumann_grad = neumann_grad
         self.generator = generator
 
     def _sample_extra(self, b: int, device: torch.device) -> Tensor:
-        if self.distribution == "geometric":
-            u = torch.rand(b, generator=self.generator, dtype=torch.float64, device=device)
-            # Inverse CDF: P(M >= m) = (1-p)^m; log1p(-u) avoids log(0).
-            return torch.floor(torch.log1p(-u) / math.log1p(-self.geometric_p)).long()
-        rates = torch.full((b,), self.poisson_rate, dtype=torch.float64, device=device)
-        return torch.poisson(rates, generator=self.generator).long()
+        u = torch.rand(b, generator=self.generator, dtype=torch.float64, device=device)
+        # Inverse CDF: P(M >= m) = (1-p)^m; log1p(-u) avoids log(0).
+        return torch.floor(torch.log1p(-u) / math.log1p(-self.geometric_p)).long()
 
     def tail_probability(self, m: Tensor) -> Tensor:
         """``P(M >= m)`` of the random part ``M``, elementwise for an integer tensor ``m``."""
         m = m.to(torch.float64)
-        if self.distribution == "geometric":
-            tail = (1.0 - self.geometric_p) ** m.clamp(min=0)
-        else:
-            # P(Poisson(lam) >= m) = P(Gamma(m, 1) <= lam), the regularised lower
-            # incomplete gamma; accurate in the far tail, unlike 1 - CDF.
-            lam = torch.full_like(m, self.poisson_rate)
-            tail = torch.special.gammainc(m.clamp(min=1), lam)
+        tail = (1.0 - self.geometric_p) ** m.clamp(min=0)
         return torch.where(m <= 0, torch.ones_like(tail), tail)
 
     def __call__(self, gx: Tensor, x: Tensor, create_graph: bool) -> Tensor:

@@ -24,6 +24,13 @@ class MovingBatchNorm(Flow):
         eps: Added to the variance.
         momentum: Weight of the new batch in the running averages.
         affine: Learn a scale ``exp(log_gamma)`` and shift ``beta``.
+
+    Data-parallel training (:mod:`cnf.train.distributed`): the batch statistics
+    are those of each rank's slice of the global batch (as ``nn.BatchNorm1d``
+    without ``SyncBatchNorm``), so the training objective is not the
+    single-process one on the same global batch. The ranks still hold one
+    model: gradients and the running averages are averaged over ranks after
+    every step (the averaged ``running_var`` omits the between-slice variance).
     """
 
     def __init__(self, dim: int, *, eps: float = 1e-4, momentum: float = 0.1, affine: bool = True):

@@ -145,8 +145,9 @@ class LogDetOptions:
     Attributes:
         name: ``roulette`` (unbiased), ``series`` (truncated) or ``exact``.
         n_terms: Terms of the ``series`` estimator.
-        n_exact_terms, distribution, geometric_p, poisson_rate, neumann_grad:
-            Options of :class:`~cnf.flows.logdet.RouletteLogDet`.
+        n_exact_terms, distribution, geometric_p, neumann_grad: Options of
+            :class:`~cnf.flows.logdet.RouletteLogDet` (``geometric`` only: a
+            Poisson number of terms has infinite variance).
         probe: Hutchinson probe, ``gaussian`` or ``rademacher``.
     """
 
@@ -155,9 +156,11 @@ class LogDetOptions:
     n_exact_terms: int = 2
     distribution: str = "geometric"
     geometric_p: float = 0.5
-    poisson_rate: float = 2.0
     probe: str = "gaussian"
     neumann_grad: bool = False
+
+    def __post_init__(self) -> None:
+        self.build()  # the estimator validates its options (and refuses Poisson roulette)
 
     def build(self) -> LogDetEstimator:
         if self.name == "series":
@@ -168,7 +171,6 @@ class LogDetOptions:
                 n_exact_terms=self.n_exact_terms,
                 distribution=self.distribution,
                 geometric_p=self.geometric_p,
-                poisson_rate=self.poisson_rate,
                 probe=self.probe,
                 neumann_grad=self.neumann_grad,
             )

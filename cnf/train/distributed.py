@@ -16,6 +16,12 @@ With equal shards, the mean of the per-rank mean losses is the global-batch
 mean, so the averaged gradient equals the single-process gradient up to
 floating-point summation order.
 
+Parameters are only broadcast at the start and never averaged afterwards, so a
+data-dependent initialisation must give the same values on every rank: ActNorm
+(:class:`cnf.flows.glow.ActNorm`, in Glow, RealNVP, residual flows and INDM's
+flows) pools its statistics over ranks at its first training forward.
+Spectral-norm power iterations depend only on the (identical) weights.
+
 Evaluation never runs collectively: adaptive ODE solvers take a data-dependent
 number of steps, so ranks would wait on each other's collectives forever.
 Rank 0 evaluates the unwrapped model alone.
