@@ -324,7 +324,10 @@ class NCSNpp(nn.Module):
         centered: Inputs are in [−1, 1]; if False, inputs in [0, 1] are mapped
             by ``2x − 1`` first.
         min_group_width: GroupNorm uses ``min(32, C // min_group_width)`` groups:
-            4 in NCSN++ / DDPM++, 1 (i.e. 32 groups) in the DDPM U-Net.
+            4 in NCSN++ / DDPM++; 2 in the DDPM U-Net, whose fixed 32 groups this
+            reproduces at every width ≥ 64 while never making one-channel groups
+            below (a one-channel group's norm cancels the per-channel shift
+            that carries the time embedding, so the output would ignore ``c``).
 
     Shapes: ``c`` scalar or ``(B,)``; ``x`` ``(B, C, H, W)`` or ``(B, C·H·W)``;
     the output has the shape of ``x``.
@@ -623,7 +626,8 @@ def ddpm_unet(image_shape: Sequence[int], *, nf: int = 128, **options: Any) -> N
     ``configs/vp/ddpm/cifar10_continuous.py``: nf 128, ch_mult (1, 2, 2, 2), 2
     residual blocks per resolution, attention at 16×16, dropout 0.1, DDPM
     blocks with strided-conv / nearest+conv resampling, no rescaling, 32
-    GroupNorm groups, sinusoidal embedding of ``999 c``, centred data.
+    GroupNorm groups (fewer, of two channels each, below width 64), sinusoidal
+    embedding of ``999 c``, centred data.
     DiffFlow's image configs use it for the drift (nf 128) and the score (nf 64).
 
     Score function of the original (VP, continuous): ``ScoreNetwork(net,
@@ -649,7 +653,7 @@ def ddpm_unet(image_shape: Sequence[int], *, nf: int = 128, **options: Any) -> N
         time_scale=999.0,
         init_scale=0.0,
         centered=True,
-        min_group_width=1,
+        min_group_width=2,
     )
     return NCSNpp(image_shape, **{**preset, **options})
 

@@ -5,13 +5,14 @@ Resampling by a factor ``f`` with a separable low-pass FIR filter ``k``
 pixels and filters with ``f² · k kᵀ / Σ(k kᵀ)`` (so a constant image stays
 constant); downsampling filters with ``k kᵀ / Σ(k kᵀ)`` and keeps every
 ``f``-th pixel. With ``k = (1, 1)`` these are nearest-neighbour upsampling and
-``f × f`` average pooling. The padding puts the filter's centre on the output
-grid, so up- then down-sampling keeps the image aligned.
+``f × f`` average pooling. The padding is placed so that the output grid is
+centred on the input grid: resampling commutes with flipping the image (no
+half-pixel shift), and zeros are assumed outside the image.
 
-The fused variants put a convolution on the fine grid in the same pass,
-padding once: ``conv`` then FIR-downsample, or a transposed (strided)
-convolution then the FIR filter. They are not equal to resampling followed by
-a padded convolution at the image border.
+The fused variants put a 3×3 convolution on the fine grid in the same pass,
+padding once: the FIR filter then a strided convolution, or a transposed
+(strided) convolution then the FIR filter. Away from the border they equal
+resampling and a zero-padded convolution in sequence; at the border they differ.
 
 Every function takes ``x`` of shape ``(B, C, H, W)``; kernels are 1-D
 sequences (made separable here). Pure PyTorch, so it runs on any device and
