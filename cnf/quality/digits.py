@@ -52,7 +52,6 @@ from torch import Tensor, nn
 
 from cnf.quality.features import FeatureError, FeatureExtractor, default_cache_dir
 from cnf.quality.images import to_levels
-from cnf.train.checkpoint import atomic_write_bytes
 
 __all__ = [
     "DigitsCNN",
@@ -244,6 +243,9 @@ def load_digits_classifier(
     if log is not None:
         log(f"digits classifier: training (cache {path})")
     net, info = train_digits_classifier(recipe, log=log)
+    # Imported here: cnf.train's package imports the data sets (scikit-learn).
+    from cnf.train.checkpoint import atomic_write_bytes
+
     path.parent.mkdir(parents=True, exist_ok=True)
     state = {"weights": net.state_dict(), "info": info}
     atomic_write_bytes(path, lambda fh: torch.save(state, fh))

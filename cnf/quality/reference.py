@@ -30,7 +30,6 @@ import torch
 
 from cnf.quality.distances import feature_statistics
 from cnf.quality.features import FeatureExtractor, compute_features, default_cache_dir
-from cnf.train.checkpoint import atomic_write_bytes
 
 __all__ = ["ReferenceStatistics", "reference_statistics"]
 
@@ -140,6 +139,9 @@ def reference_statistics(
     kid_feats = feats.astype(np.float32)
     buf = io.BytesIO()
     np.savez(buf, mu=mu, sigma=sigma, features=kid_feats, num_images=np.int64(len(levels)))
+    # Imported here: cnf.train's package imports the data sets (scikit-learn).
+    from cnf.train.checkpoint import atomic_write_bytes
+
     path.parent.mkdir(parents=True, exist_ok=True)
     atomic_write_bytes(path, lambda fh: fh.write(buf.getvalue()))
     return ReferenceStatistics(mu, sigma, kid_feats.astype(np.float64), len(levels), path, False)
