@@ -144,9 +144,10 @@ def main() -> int:
         )
 
         nfe: list[float] = []
-        finite = [0]
+        num_finite = 0
 
         def sample_batches():
+            nonlocal num_finite
             gen = torch.Generator(device=device).manual_seed(seed)
             devices = [device] if device.type == "cuda" else []
             with torch.random.fork_rng(devices=devices), torch.no_grad():
@@ -157,7 +158,7 @@ def main() -> int:
                     if stats.get("nfe") is not None:
                         nfe.append(float(stats["nfe"]))
                     x = x.reshape(n, *data.image_shape)
-                    finite[0] += int(torch.isfinite(x).flatten(1).all(1).sum())
+                    num_finite += int(torch.isfinite(x).flatten(1).all(1).sum())
                     yield samples_to_images(x, data.num_levels)
 
         feats = compute_features(
@@ -191,7 +192,7 @@ def main() -> int:
         "kid_subset_size": args.kid_subset_size,
         "sampling": sampling_settings(cfg),
         "nfe_per_sample": float(np.mean(nfe)) if nfe else None,
-        "finite_fraction": finite[0] / args.num_samples,
+        "finite_fraction": num_finite / args.num_samples,
         "reference": {"num_images": ref.num_images, "cache": str(ref.path)},
         "dataset": data.name,
         "run_dir": str(run.run_dir),

@@ -211,6 +211,7 @@ def sde_time_to_sigma(sde: LinearSDE, t: Tensor) -> Tensor:
     return s / m
 
 
+# VP and sub-VP invert B(t) = ∫_0^t β with the SDE's own stable root (_t_from_integral).
 def _vp_time(sde: VPSDE, sigma: Tensor) -> Tensor:
     # σ² = (1 − e^{−B}) / e^{−B} = e^{B} − 1  ⇒  B = log(1 + σ²).
     return sde._t_from_integral(torch.log1p(sigma**2))

@@ -126,7 +126,13 @@ class FeatureExtractor(ABC):
             raise FeatureError(
                 f"{self._source()}: expected images of shape (N, C, H, W), got {tuple(x.shape)}"
             )
-        x = x.to(self.device, torch.float32)
+        if not x.is_floating_point():  # e.g. uint8 levels passed by mistake
+            raise FeatureError(
+                f"{self._source()}: expected float images in [0, 1], got dtype {x.dtype} "
+                "(convert levels with cnf.quality.samples_to_images or level/(L - 1))"
+            )
+        # Kept in its dtype: the quantisation to the network's levels is exact in float64.
+        x = x.to(self.device)
         try:
             out = self._forward(x)
         except FeatureError:
