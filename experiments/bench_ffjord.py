@@ -30,8 +30,8 @@ import torch  # noqa: E402
 
 from cnf.config import load_config  # noqa: E402
 from cnf.data import batch_rng, build_dataset  # noqa: E402
-from cnf.models import build_model  # noqa: E402
 from cnf.evaluation import evaluate_points, summarize  # noqa: E402
+from cnf.models import build_model  # noqa: E402
 from cnf.train.loop import iteration_seed  # noqa: E402
 
 ORIGINAL = [

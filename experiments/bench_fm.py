@@ -32,11 +32,11 @@ os.environ.setdefault("OMP_NUM_THREADS", "1")
 import _cli  # noqa: E402  (puts the repo on sys.path)
 import numpy as np  # noqa: E402
 import torch  # noqa: E402
-from cnf.rundir import load_run  # noqa: E402
 
 from cnf.data import Dataset  # noqa: E402
 from cnf.data.toy import TOY_DATASETS  # noqa: E402
 from cnf.metrics import mmd2_rbf  # noqa: E402
+from cnf.rundir import load_run  # noqa: E402
 from cnf.solve import ADAPTIVE_METHODS  # noqa: E402
 
 

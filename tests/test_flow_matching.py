@@ -9,13 +9,14 @@ import itertools
 import json
 import math
 
+import cnf.models.flow_matching as fm_model
 import numpy as np
 import pytest
 import torch
+from cnf.models.flow_matching import FlowMatchingModel, build_flow_matching
 from conftest import TINY, run_train
 from torch import Tensor, nn
 
-import cnf.models.flow_matching as fm_model
 from cnf.config import ConfigError, load_config
 from cnf.diffusion.flow_matching import (
     cfm_loss,
@@ -28,7 +29,6 @@ from cnf.diffusion.flow_matching import (
 )
 from cnf.flows.base import standard_normal_logprob
 from cnf.models import build_model
-from cnf.models.flow_matching import FlowMatchingModel, build_flow_matching
 from cnf.nets import TimeMLP
 from cnf.solve import SolverConfig, integrate
 

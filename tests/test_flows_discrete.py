@@ -651,8 +651,9 @@ def test_cnf_behind_flow_interface(shape):
 
 
 def test_identity_and_logit_are_flows():
-    from cnf.flows.base import IdentityFlow
     from cnf.flows.logit import LogitTransform
+
+    from cnf.flows.base import IdentityFlow
 
     x = torch.rand(3, 1, 2, 2, dtype=F64, generator=torch.Generator().manual_seed(0))
     check_bijection(IdentityFlow(), x)

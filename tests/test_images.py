@@ -15,11 +15,11 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from cnf.flows.logit import LogitTransform
 
 from cnf.config import ConfigError, load_config
 from cnf.data import DataError, build_dataset
 from cnf.data.images import dequantize, load_cifar10, load_mnist, read_idx
-from cnf.flows.logit import LogitTransform
 from cnf.metrics import bits_per_dim
 from cnf.models.base import EvalOutput, GenerativeModel
 from cnf.train.loop import bpd_metrics, evaluate_split

@@ -20,15 +20,13 @@ import pytest
 import torch
 from torch import Tensor, nn
 
-from cnf.divergence import ExactDivergence, HutchinsonDivergence
-from cnf.flows.base import SequentialFlow, standard_normal_logprob
+from cnf.divergence import DivergenceConfig, ExactDivergence, HutchinsonDivergence
+from cnf.flows.base import FlowSettings, SequentialFlow, standard_normal_logprob
 from cnf.flows.cnf import CNF
 from cnf.flows.normalization import MovingBatchNorm
-from cnf.divergence import DivergenceConfig
-from cnf.flows.base import FlowSettings
 from cnf.models.ffjord import FFJORD, ODESettings, build_ffjord
-from cnf.schema import FFJORDSchema
 from cnf.nets import TimeMLP
+from cnf.schema import FFJORDSchema
 from cnf.solve import METHODS, SolverConfig, integrate
 
 DTYPE = torch.float64
