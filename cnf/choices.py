@@ -19,7 +19,7 @@ from cnf.diffusion.samplers import SCORE_SAMPLERS, SDE_METHODS
 from cnf.diffusion.score import WEIGHTINGS
 from cnf.diffusion.sde import SDES
 from cnf.divergence import DIVERGENCES, PROBES
-from cnf.flows.registry import FLOWS
+from cnf.flows.registry import FLOWS, FLOWS_OR_IDENTITY
 from cnf.models import MODELS
 from cnf.models.diffflow import DIFFFLOW_NETS
 from cnf.nets import ACTIVATIONS, LAYERS
@@ -47,6 +47,7 @@ __all__ = [
     "DIVERGENCES",
     "DTYPES",
     "FLOWS",
+    "FLOWS_OR_IDENTITY",
     "GRIDS",
     "LAYERS",
     "METHODS",

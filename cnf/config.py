@@ -325,9 +325,7 @@ def _choice_schema(registry: str, name: str, kind: str) -> type:
     from cnf import choices
 
     reg = getattr(choices, registry)
-    if registry == "FLOWS":
-        if name == "identity":
-            return schema.options_schema("flow", name, lambda: None)
+    if registry.startswith("FLOWS"):
         builder = reg[name].builder(kind)
     else:
         builder = reg[name]
@@ -349,11 +347,10 @@ def _install_choices(node: DictConfig, cls: type, raw: Any, kind: str, path: str
             from cnf import choices
 
             reg = getattr(choices, registry)
-            if not (registry == "FLOWS" and name == "identity"):
-                try:
-                    reg.check(name, key=f"{path}{f.name}.name")
-                except ValueError as e:
-                    raise ConfigError(str(e)) from None
+            try:
+                reg.check(name, key=f"{path}{f.name}.name")
+            except ValueError as e:
+                raise ConfigError(str(e)) from None
             defaults = {k: v for k, v in f.default_factory().items() if k != "name"}  # type: ignore[misc]
             if name != default:
                 defaults = {}

@@ -116,6 +116,7 @@ def options_schema(owner: str, name: str, builder: Callable[..., Any]) -> type:
     not options; keyword-only parameters are. Each option keeps the
     builder's annotation and default.
     """
+    overrides = getattr(builder, "option_defaults", {})  # a preset's own defaults
     builder = inspect.unwrap(builder)  # a wrapper declares its wrapped builder's options
     target = builder.__init__ if inspect.isclass(builder) else builder
     hints = typing.get_type_hints(target)
@@ -126,7 +127,7 @@ def options_schema(owner: str, name: str, builder: Callable[..., Any]) -> type:
         if p.default is inspect.Parameter.empty:
             raise TypeError(f"{owner} '{name}': option '{p.name}' needs a default to be configurable")
         typ = _config_type(hints.get(p.name, Any))
-        default = p.default
+        default = overrides.get(p.name, p.default)
         if dataclasses.is_dataclass(typ) and default is None:
             fields.append((p.name, typ, field(default_factory=typ)))
         elif isinstance(default, list | tuple | dict) or dataclasses.is_dataclass(default):
@@ -343,7 +344,7 @@ class INDMSchema(ScoreSchema):
     """``model:`` for ``family: indm``: the score model's keys plus the flow's."""
 
     family: str = "indm"
-    flow: Any = choice("FLOWS", "resflow")
+    flow: Any = choice("FLOWS_OR_IDENTITY", "resflow")
     flow_lr_scale: float = 1.0  # flow learning rate = flow_lr_scale × train.lr
     temperature: float = 1.0  # sampling: z_1 ~ N(0, (τ·prior_std)² I)
     eval_logdet: EvalLogDetSchema = field(default_factory=EvalLogDetSchema)

@@ -19,12 +19,14 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from cnf.sweep import SweepError
+
 __all__ = ["SlurmError", "SlurmSpec", "array_spec", "parse_slurm", "render_sbatch", "submit"]
 
 TEMPLATES = Path(__file__).resolve().parent
 
 
-class SlurmError(ValueError):
+class SlurmError(SweepError):
     """A ``slurm:`` section or a submission that cannot be used (one-line message)."""
 
 

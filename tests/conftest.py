@@ -44,6 +44,32 @@ TINY: tuple[str, ...] = (
 RUN_FILES = ("config.yaml", "metrics.jsonl", "ckpt.pt", "final.json")
 
 
+def build_family(
+    family: str,
+    model: dict | None = None,
+    event_shape: tuple[int, ...] = (2,),
+    *,
+    eval: dict | None = None,  # noqa: A002 - the config section's name
+    data: dict | None = None,
+):
+    """A model of ``family`` from a partial ``model:`` section (missing keys: the schema's).
+
+    Goes through the config machinery (schemas, named choices, registries) and
+    :func:`cnf.models.build_model`, as a training run does.
+    """
+    from omegaconf import OmegaConf
+
+    from cnf.config import migrate, resolve
+    from cnf.models import build_model
+
+    if data is None:
+        data = {"name": "digits", "flatten": len(event_shape) == 1} if len(event_shape) == 3 else {}
+    raw = OmegaConf.create(
+        {"model": {"family": family, **(model or {})}, "eval": eval or {}, "data": data}
+    )
+    return build_model(resolve(migrate(raw)), event_shape)
+
+
 def subprocess_env(**extra: str) -> dict[str, str]:
     """The environment for entry points: one thread, no W&B key or mode inherited."""
     env = dict(os.environ)

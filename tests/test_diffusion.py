@@ -16,9 +16,11 @@ from pathlib import Path
 
 import pytest
 import torch
+from conftest import build_family
 
 from cnf.diffusion import (
-    SAMPLERS,
+    SCORE_SAMPLERS,
+    SamplerOptions,
     build_sde,
     decoder_constant,
     dsm_loss,
@@ -33,7 +35,7 @@ from cnf.diffusion import (
     sdeint_sample,
 )
 from cnf.diffusion.likelihood import ProbabilityFlow
-from cnf.diffusion.nets import ScoreMLP, ScoreNetwork
+from cnf.diffusion.nets import ScoreNetwork, score_mlp
 from cnf.diffusion.samplers import langevin_alpha, langevin_step, time_grid
 from cnf.diffusion.score import cv_integral, sample_time
 from cnf.diffusion.unet import UNet
@@ -204,9 +206,12 @@ def test_importance_sampler_inverse_cdf(name):
 def test_sde_registry_errors():
     with pytest.raises(ValueError, match="unknown SDE 'vpp'; valid: subvp, ve, vp"):
         build_sde("vpp")
-    with pytest.raises(ValueError, match="unknown SDE parameter"):
+    with pytest.raises(ValueError, match="SDE 'vp'.*'beta'"):
         build_sde("vp", beta=1.0)
-    assert build_sde("ve", sigma_max=4.0, beta_min=0.3).sigma_max == 4.0
+    # Each SDE takes its own options only: a VP option given to VE is an error, not ignored.
+    assert build_sde("ve", sigma_max=4.0).sigma_max == 4.0
+    with pytest.raises(ValueError, match="SDE 've'.*'beta_min'"):
+        build_sde("ve", sigma_max=4.0, beta_min=0.3)
 
 
 def test_prior_and_kl_closed_forms():
@@ -314,7 +319,7 @@ def test_exact_divergence_takes_the_probability_flow_jacobian(monkeypatch):
     """ExactDivergence on the probability-flow field: forward-mode Jacobian, no autograd.grad."""
     sde = make_sde("vp")
     torch.manual_seed(0)
-    net = ScoreMLP(3, (16, 16), activation="tanh", embed_scale=1.0).to(DT)
+    net = score_mlp(3, hidden_dims=(16, 16), activation="tanh", embed_scale=1.0).to(DT)
     field = ProbabilityFlow(ScoreNetwork(net, sde, "noise"), sde)
     x = torch.randn(5, 3, dtype=DT, generator=gen(1))
     t = torch.tensor(0.4, dtype=DT)
@@ -333,20 +338,20 @@ def test_exact_divergence_takes_the_probability_flow_jacobian(monkeypatch):
 
 def test_score_model_nll_fast_path_equals_autograd_path(monkeypatch):
     """A score model's probability-flow NLL (float64): forward-mode trace = autograd trace."""
-    from cnf.models.score import build_score
-
     torch.manual_seed(3)
-    model = build_score({"hidden_dims": [16, 16], "nelbo_samples": 0}, (2,)).to(DT)
+    model = build_family(
+        "score", {"net": {"name": "mlp", "hidden_dims": [16, 16]}, "nelbo_samples": 0}
+    ).to(DT)
     x = torch.randn(16, 2, dtype=DT, generator=gen(5))
-    cost = {"rtol": 1e-9, "atol": 1e-9}
+    cost = model.with_settings(rtol=1e-9, atol=1e-9)
     with monkeypatch.context() as mp:
         calls = _count_jacobian_calls(mp)
-        fast = model.evaluate(x, cost=cost)
+        fast = model.evaluate(x, cost)
         assert calls["jacobian"] > 0  # one per function evaluation
         assert calls["jacobian"] == fast.stats["nfe"]
     with monkeypatch.context() as mp:  # hide the Jacobian: the autograd path
         mp.setattr(ScoreNetwork, "has_jacobian", property(lambda self: False))
-        slow = model.evaluate(x, cost=cost)
+        slow = model.evaluate(x, cost)
     torch.testing.assert_close(fast.nll, slow.nll, rtol=1e-9, atol=1e-9)
 
 
@@ -354,7 +359,7 @@ def test_probability_flow_hutchinson_and_jacobian_paths():
     """Hutchinson averages to the exact trace; the forward-mode Jacobian path equals autograd."""
     sde = make_sde("vp")
     torch.manual_seed(0)
-    net = ScoreMLP(3, (16, 16), activation="tanh", embed_scale=1.0).to(DT)
+    net = score_mlp(3, hidden_dims=(16, 16), activation="tanh", embed_scale=1.0).to(DT)
     for p in ("score", "noise", "data"):
         score = ScoreNetwork(net, sde, p, conditioning="log_sigma")
         field = ProbabilityFlow(score, sde)
@@ -495,17 +500,19 @@ def test_samplers_reproduce_gaussian_moments(name):
     n = 8000
     x_T = sde.prior_sample((n, 2), generator=gen(17), dtype=DT)
     # MC error of the mean ≲ 0.011, of the covariance ≲ 0.016; plus discretisation bias.
-    xs, st = euler_maruyama(data.score, sde, x_T, steps=200, generator=gen(18))
+    xs, st = euler_maruyama(data.score, sde, x_T, SamplerOptions(steps=200), generator=gen(18))
     assert st["nfe"] == 200
     _check_moments(xs, data.mu, data.cov, tol_mean=0.045, tol_cov=0.07)
-    xs, st = predictor_corrector(data.score, sde, x_T, steps=100, snr=0.1, generator=gen(19))
+    xs, st = predictor_corrector(
+        data.score, sde, x_T, SamplerOptions(steps=100, snr=0.1), generator=gen(19)
+    )
     assert st["nfe"] == 200
     _check_moments(xs, data.mu, data.cov, tol_mean=0.045, tol_cov=0.07)
     # The ODE is deterministic, so it keeps the prior mismatch π ≠ p_1: its
     # samples follow the affine pushforward of π (identity-free, exact), which
     # for VE with σ_max = 50 shifts the mean by ~2% of μ.
     xs, st = probability_flow_sample(
-        data.score, sde, x_T, solver=SolverConfig("dopri5", rtol=1e-7, atol=1e-7)
+        data.score, sde, x_T, SamplerOptions(solver=SolverConfig("dopri5", rtol=1e-7, atol=1e-7))
     )
     assert st["nfe"] > 0
     one, e = torch.ones(1, dtype=DT), torch.full((1,), sde.eps, dtype=DT)
@@ -559,7 +566,9 @@ def test_predictor_corrector_passes_alpha_to_every_corrector_step(name, monkeypa
 
     monkeypatch.setattr(samplers, "langevin_step", spy)
     x_T = sde.prior_sample((64, 2), generator=gen(4), dtype=DT)
-    samplers.predictor_corrector(lambda t, x: -x, sde, x_T, steps=5, corrector_steps=2)
+    samplers.predictor_corrector(
+        lambda t, x: -x, sde, x_T, SamplerOptions(steps=5, corrector_steps=2)
+    )
     ts = time_grid(sde, 5, like=x_T)
     expected = [float(langevin_alpha(sde, ts[i], ts[i + 1])) for i in range(5) for _ in range(2)]
     assert [a for _, a in seen] == pytest.approx(expected, rel=1e-12)
@@ -573,10 +582,10 @@ def test_sdeint_sampler_and_registry():
     sde = make_sde("vp")
     data = GaussianData(MU, COV, sde)
     x_T = sde.prior_sample((6000, 2), generator=gen(20), dtype=DT)
-    xs, st = sdeint_sample(data.score, sde, x_T, steps=150, generator=gen(21))
+    xs, st = sdeint_sample(data.score, sde, x_T, SamplerOptions(steps=150), generator=gen(21))
     assert st["nfe"] >= 150
     _check_moments(xs, data.mu, data.cov, tol_mean=0.05, tol_cov=0.08)
-    assert set(SAMPLERS) == {"em", "pc", "ode", "sdeint"}
+    assert set(SCORE_SAMPLERS) == {"em", "pc", "ode", "sdeint"}
 
 
 def test_em_last_step_is_noise_free():
@@ -584,8 +593,8 @@ def test_em_last_step_is_noise_free():
     sde = make_sde("vp")
     x_T = torch.ones(3, 2, dtype=DT)
     zero = lambda t, x: torch.zeros_like(x)  # noqa: E731
-    x1, _ = euler_maruyama(zero, sde, x_T, steps=1, generator=gen(0))
-    x2, _ = euler_maruyama(zero, sde, x_T, steps=1, generator=gen(1))
+    x1, _ = euler_maruyama(zero, sde, x_T, SamplerOptions(steps=1), generator=gen(0))
+    x2, _ = euler_maruyama(zero, sde, x_T, SamplerOptions(steps=1), generator=gen(1))
     assert torch.equal(x1, x2)
 
 
@@ -614,7 +623,7 @@ def test_parameterisation_conversions(name):
     )
     post = data.mu + torch.einsum("ij,bjk,bk->bi", data.cov, ct_inv, x - m * data.mu) * m
     assert torch.allclose(x0_hat, post, atol=1e-8)
-    with pytest.raises(ValueError, match="valid: score, noise, data"):
+    with pytest.raises(ValueError, match="valid: data, noise, score"):
         output_to_score(s, x, t, sde, "velocity")
 
 
@@ -636,33 +645,32 @@ def test_unet_shapes_and_zero_init():
 
 # ----------------------------------------------------------- the model family
 def test_score_model_interface_and_cost_keys():
-    from cnf.models.score import build_score
-
+    net = {"name": "mlp", "hidden_dims": [16, 16]}
     torch.manual_seed(0)
-    model = build_score({"hidden_dims": [16, 16], "nelbo_samples": 2}, (2,)).to(DT)
+    model = build_family("score", {"net": net, "nelbo_samples": 2}).to(DT)
     x = torch.randn(5, 2, dtype=DT)
     out = model.training_loss(x)
     assert out.loss.ndim == 0 and "nelbo" in out.stats
-    ev = model.evaluate(x, cost={"method": "rk4", "steps": 4})
+    ev = model.evaluate(x, model.with_settings(method="rk4", steps=4))
     assert ev.nll.shape == (5,) and ev.nelbo.shape == (5,) and ev.stats["nfe"] == 16
     for cost in model.default_cost_grid()[:1] + [
         {"sampler": "em", "steps": 3},
         {"sampler": "pc", "steps": 2},
     ]:
-        xs, st = model.sample(4, cost=cost, generator=gen(0))
+        xs, st = model.sample(4, model.with_settings(cost), generator=gen(0))
         assert xs.shape == (4, 2) and st["nfe"] > 0
-    with pytest.raises(ValueError, match="unknown cost key"):
-        model.evaluate(x, cost={"tolerance": 1e-3})
+    with pytest.raises(ValueError, match="unknown setting 'tolerance'"):
+        model.with_settings(tolerance=1e-3)
     with pytest.raises(ValueError, match="unknown sampler"):
-        model.sample(2, cost={"sampler": "ddim"})
+        model.with_settings(sampler="ddim")
     # The data map y = 2x − 1 changes the NLL by exactly −D log 2.
-    scaled = build_score(
-        {"hidden_dims": [16, 16], "nelbo_samples": 0, "data_scale": 2.0, "data_shift": -1.0}, (2,)
+    scaled = build_family(
+        "score", {"net": net, "nelbo_samples": 0, "preprocess": {"scale": 2.0, "shift": -1.0}}
     ).to(DT)
     scaled.load_state_dict(model.state_dict())
-    cost = {"method": "rk4", "steps": 4}
-    a = scaled.evaluate((x + 1) / 2, cost=cost).nll
-    b = model.evaluate(x, cost=cost).nll
+    cost = model.with_settings(method="rk4", steps=4)
+    a = scaled.evaluate((x + 1) / 2, cost).nll
+    b = model.evaluate(x, cost).nll
     assert torch.allclose(a, b - 2 * math.log(2.0))
 
 
@@ -700,11 +708,8 @@ def test_vp_toy_config_trains_end_to_end(tmp_path):
 def test_digits_config_smoke(tmp_path):
     """configs/score/vp_digits.yaml builds and takes two steps (if the digits data set exists)."""
     from cnf.config import load_config
-    from cnf.data import DATASETS
     from cnf.train.loop import Trainer
 
-    if "digits" not in DATASETS:
-        pytest.skip("digits data set not registered")
     cfg = load_config(
         REPO / "configs/score/vp_digits.yaml",
         [

@@ -9,12 +9,11 @@ import itertools
 import json
 import math
 
-import cnf.models.flow_matching as fm_model
+import cnf.flows.cnf as cnf_block
 import numpy as np
 import pytest
 import torch
-from cnf.models.flow_matching import FlowMatchingModel, build_flow_matching
-from conftest import TINY, run_train
+from conftest import TINY, build_family, run_train
 from torch import Tensor, nn
 
 from cnf.config import ConfigError, load_config
@@ -28,6 +27,8 @@ from cnf.diffusion.flow_matching import (
     transport_cost,
 )
 from cnf.flows.base import standard_normal_logprob
+from cnf.flows.preprocess import Preprocess
+from cnf.models.fm import FlowMatchingModel
 from cnf.models import build_model
 from cnf.nets import TimeMLP
 from cnf.solve import SolverConfig, integrate
@@ -177,7 +178,7 @@ def test_ot_training_loss_reports_lower_transport_cost() -> None:
     x = torch.randn(256, 2) * 3
     costs = {}
     for pairing in ("rectified", "ot"):
-        model = build_flow_matching({"pairing": pairing, "hidden_dims": [16]}, (2,))
+        model = build_family("fm", {"pairing": {"name": pairing}, "hidden_dims": [16]})
         torch.manual_seed(5)
         costs[pairing] = model.training_loss(x).stats["transport_cost"]
     assert costs["ot"] < 0.5 * costs["rectified"]
@@ -191,7 +192,9 @@ def _tiny_model(event_shape=(3,), logit_alpha: float = 0.0, seed: int = 0) -> Fl
     with torch.no_grad():  # larger weights: a clearly non-linear, non-volume-preserving flow
         for p in net.parameters():
             p.mul_(2.0)
-    return FlowMatchingModel(net, event_shape, logit_alpha=logit_alpha).to(F64)
+    return FlowMatchingModel(net, event_shape, preprocess=Preprocess(logit_alpha=logit_alpha)).to(
+        F64
+    )
 
 
 @pytest.mark.parametrize("event_shape,alpha", [((3,), 0.0), ((1, 2, 2), 0.05)])
@@ -205,11 +208,11 @@ def test_nll_goes_through_integrate_and_matches_brute_force_jacobian(
         calls.append(kwargs)
         return integrate(*args, **kwargs)
 
-    monkeypatch.setattr(fm_model, "integrate", spy)
+    monkeypatch.setattr(cnf_block, "integrate", spy)  # the one likelihood path's solve
     g = torch.Generator().manual_seed(6)
     x = torch.rand((4, *event_shape), generator=g, dtype=F64) * 0.8 + 0.1
-    cost = {"method": "rk4", "steps": 100, "divergence": "exact"}
-    out = model.evaluate(x, cost=cost)
+    cost = model.with_settings({"method": "rk4", "steps": 100, "divergence.name": "exact"})
+    out = model.evaluate(x, cost)
     assert len(calls) == 1 and calls[0]["divergence"] is not None
     assert (calls[0]["t0"], calls[0]["t1"]) == (0.0, 1.0)  # data at 0 → noise at 1
     assert out.stats["nfe"] == 400
@@ -236,19 +239,19 @@ def test_nll_goes_through_integrate_and_matches_brute_force_jacobian(
 def test_adaptive_nll_agrees_with_fine_fixed_step_nll() -> None:
     model = _tiny_model()
     x = torch.randn(16, 3, generator=torch.Generator().manual_seed(7), dtype=F64)
-    adaptive = model.evaluate(x, cost={"method": "dopri5", "rtol": 1e-9, "atol": 1e-9})
-    fine = model.evaluate(x, cost={"method": "rk4", "steps": 200})
+    adaptive = model.evaluate(x, model.with_settings(method="dopri5", rtol=1e-9, atol=1e-9))
+    fine = model.evaluate(x, model.with_settings(method="rk4", steps=200))
     torch.testing.assert_close(adaptive.nll, fine.nll, atol=1e-7, rtol=0)
 
 
 def test_sampling_inverts_the_likelihood_solve_and_reports_nfe() -> None:
     model = _tiny_model()
     for method, steps, per_step in [("euler", 1, 1), ("euler", 5, 1), ("midpoint", 10, 2)]:
-        _, stats = model.sample(3, cost={"method": method, "steps": steps})
+        _, stats = model.sample(3, model.with_settings(method=method, steps=steps))
         assert stats["nfe"] == steps * per_step
     x, stats = model.sample(
         8,
-        cost={"method": "dopri5", "rtol": 1e-10, "atol": 1e-10},
+        model.with_settings(method="dopri5", rtol=1e-10, atol=1e-10),
         generator=torch.Generator().manual_seed(8),
     )
     assert stats["nfe"] > 0
@@ -259,12 +262,12 @@ def test_sampling_inverts_the_likelihood_solve_and_reports_nfe() -> None:
 
 def test_cost_knob_errors_are_clear() -> None:
     model = _tiny_model()
-    with pytest.raises(ValueError, match="fixed-step 'method'"):
-        model.sample(2, cost={"steps": 5})
-    with pytest.raises(ValueError, match="unknown cost key"):
-        model.sample(2, cost={"tolerance": 1e-3})
+    with pytest.raises(ValueError, match="needs a fixed-step method"):
+        model.with_settings(steps=5)
+    with pytest.raises(ValueError, match="unknown setting 'tolerance'"):
+        model.with_settings(tolerance=1e-3)
     with pytest.raises(ValueError, match="unknown solver method"):
-        model.evaluate(torch.zeros(2, 3, dtype=F64), cost={"method": "leapfrog", "steps": 2})
+        model.with_settings(method="leapfrog", steps=2)
 
 
 def test_default_cost_grid_is_accepted_by_the_model() -> None:
@@ -276,8 +279,9 @@ def test_default_cost_grid_is_accepted_by_the_model() -> None:
     assert any(c["method"] == "dopri5" for c in grid)
     x = torch.zeros(2, 3, dtype=F64)
     for cost in grid:
-        assert model.evaluate(x, cost=cost).nll.shape == (2,)
-        assert model.sample(2, cost=cost)[0].shape == (2, 3)
+        s = model.with_settings(cost)
+        assert model.evaluate(x, s).nll.shape == (2,)
+        assert model.sample(2, s)[0].shape == (2, 3)
 
 
 # ----------------------------------------------------------------- reflow
@@ -292,16 +296,16 @@ class ConstantField(nn.Module):
 
 def test_reflow_pairs_are_the_models_own_ode_endpoints() -> None:
     model = _tiny_model()
-    cost = {"method": "rk4", "steps": 20}
+    cost = model.with_settings(method="rk4", steps=20)
     x0, x1, stats = model.reflow_pairs(
-        64, cost=cost, generator=torch.Generator().manual_seed(9), batch_size=24
+        64, cost, generator=torch.Generator().manual_seed(9), batch_size=24
     )
     assert x0.shape == x1.shape == (64, 3) and stats["nfe"] == 80
     # Integrating the model from the noise end gives the paired sample ...
     back = integrate(model.field, x1, t0=1.0, t1=0.0, solver=SolverConfig("rk4", steps=20)).z
     torch.testing.assert_close(back, x0)
     # ... which is exactly what the sampler returns for the same noise.
-    samples, _ = model.sample(64, cost=cost, generator=torch.Generator().manual_seed(9))
+    samples, _ = model.sample(64, cost, generator=torch.Generator().manual_seed(9))
     torch.testing.assert_close(samples, x0)
     # And the forward solve from x0 returns to x1 (the coupling is deterministic).
     fwd = integrate(model.field, x0, solver=SolverConfig("dopri5", rtol=1e-9, atol=1e-9)).z
@@ -311,7 +315,7 @@ def test_reflow_pairs_are_the_models_own_ode_endpoints() -> None:
 def test_reflow_target_is_consistent_for_a_straight_flow(tmp_path) -> None:
     c = torch.tensor([0.5, -1.0, 2.0], dtype=F64)
     model = FlowMatchingModel(ConstantField(c.clone()), (3,)).to(F64)
-    x0, x1, _ = model.reflow_pairs(100, cost={"method": "euler", "steps": 3})
+    x0, x1, _ = model.reflow_pairs(100, model.with_settings(method="euler", steps=3))
     # Straight trajectories: the regression target x1 − x0 is the field itself ...
     torch.testing.assert_close(x1 - x0, c.expand(100, 3))
     # ... so training on the model's own pairs has zero loss, unlike fresh pairs.
@@ -327,9 +331,9 @@ def test_reflow_target_is_consistent_for_a_straight_flow(tmp_path) -> None:
 
 def test_reflow_config_loads_pairs_and_initial_weights(tmp_path) -> None:
     torch.manual_seed(11)
-    first = build_flow_matching({"hidden_dims": [8]}, (2,))
+    first = build_family("fm", {"hidden_dims": [8]})
     torch.save({"model": first.state_dict(), "ema": None}, tmp_path / "ckpt.pt")
-    x0, x1, _ = first.reflow_pairs(50, cost={"method": "euler", "steps": 4})
+    x0, x1, _ = first.reflow_pairs(50, first.with_settings(method="euler", steps=4))
     save_pairs(tmp_path / "pairs.pt", x0, x1)
     cfg = load_config(
         "configs/fm/rectified_toy.yaml",
@@ -351,7 +355,7 @@ def test_reflow_config_loads_pairs_and_initial_weights(tmp_path) -> None:
 
 def test_config_names_are_validated() -> None:
     with pytest.raises(
-        ConfigError, match="model.pairing: unknown value 'sinkhorn'; valid: ot, rectified"
+        ConfigError, match="model.pairing.name: unknown pairing 'sinkhorn'; valid: ot, rectified"
     ):
         load_config("configs/fm/otcfm_toy.yaml", ["model.pairing=sinkhorn"])
     with pytest.raises(ConfigError, match="model.sigma"):

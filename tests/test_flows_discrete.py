@@ -40,17 +40,14 @@ from cnf.flows.multiscale import (
     realnvp_vector,
 )
 from cnf.flows.registry import build_flow
-from cnf.flows.residual import (
-    ExactLogDet,
-    FixedPointError,
-    ResidualBlock,
-    RouletteLogDet,
-    SeriesLogDet,
+from cnf.flows.lipschitz import (
     SpectralNormLinear,
     lipschitz_convnet,
     lipschitz_mlp,
     update_spectral_norm,
 )
+from cnf.flows.logdet import ExactLogDet, RouletteLogDet, SeriesLogDet
+from cnf.flows.residual import FixedPointError, LogDetOptions, ResidualBlock
 
 torch.set_num_threads(1)
 
@@ -487,22 +484,24 @@ def test_roulette_tail_probabilities_match_sampler():
 
 def test_poisson_roulette_is_refused_with_the_reason():
     """A Poisson number of terms has infinite variance: refused in the estimator and the config."""
-    from cnf.flows.registry import build_flow
-    from cnf.models.flow import check_flow_section
+    from cnf.config import ConfigError, load_config
+    from cnf.flows.residual import LogDetOptions
 
     with pytest.raises(ValueError, match="infinite variance"):
         RouletteLogDet(distribution="poisson")
     with pytest.raises(ValueError, match="infinite variance"):
-        build_flow("resflow", event_shape=(2,), roulette_distribution="poisson")
-    section = {"flow": "resflow", "flow_kwargs": {"roulette_distribution": "poisson"}}
-    with pytest.raises(
-        ValueError, match=r"^model\.flow_kwargs\.roulette_distribution: .*geometric"
-    ):
-        check_flow_section(section)
-    section["flow_kwargs"] = {"roulette_distribution": "uniform"}
-    with pytest.raises(ValueError, match="valid: geometric"):
-        check_flow_section(section)
-    check_flow_section({"flow": "resflow", "flow_kwargs": {"roulette_distribution": "geometric"}})
+        LogDetOptions(distribution="poisson")
+    toy = "configs/flows/resflow_toy.yaml"
+    for key in ("model.flow.logdet.distribution", "model.flow.roulette_distribution"):
+        with pytest.raises(ConfigError, match=r"^model\.flow\.logdet: .*infinite variance"):
+            load_config(toy, ["model.flow.logdet.name=roulette", f"{key}=poisson"])
+    with pytest.raises(ConfigError, match="valid: geometric"):
+        load_config(
+            toy, ["model.flow.logdet.name=roulette", "model.flow.logdet.distribution=uniform"]
+        )
+    load_config(
+        toy, ["model.flow.logdet.name=roulette", "model.flow.logdet.distribution=geometric"]
+    )
 
 
 def test_series_estimator_converges_to_exact_in_mean():
@@ -561,11 +560,15 @@ def test_neumann_value_equals_power_series_value():
         ("nice", (2,), {}),
         ("realnvp", (5,), {"num_layers": 2}),
         ("glow", (5,), {"num_steps": 2}),
-        ("resflow", (2,), {"num_blocks": 2, "logdet": "exact"}),
+        ("resflow", (2,), {"num_blocks": 2, "logdet": LogDetOptions("exact")}),
         ("nice", (2, 4, 4), {"num_layers": 2, "hidden_channels": 8}),
         ("realnvp", (2, 4, 4), {"num_scales": 2, "hidden_channels": 8}),
         ("glow", (2, 4, 4), {"num_scales": 2, "steps_per_scale": 1, "hidden_channels": 8}),
-        ("resflow", (1, 4, 4), {"num_blocks": 1, "hidden_channels": 8, "logdet": "exact"}),
+        (
+            "resflow",
+            (1, 4, 4),
+            {"num_blocks": 1, "hidden_channels": 8, "logdet": LogDetOptions("exact")},
+        ),
     ],
 )
 def test_registry_builds_valid_flows(name, shape, kwargs):
@@ -589,8 +592,8 @@ def test_registry_errors():
         build_flow("glow", event_shape=(2,), bogus=1)
     with pytest.raises(ValueError, match=r"event_shape must be \(D,\) or \(C, H, W\)"):
         build_flow("nice", event_shape=(4, 4))
-    with pytest.raises(ValueError, match="unknown logdet estimator"):
-        build_flow("resflow", event_shape=(2,), logdet="magic")
+    with pytest.raises(ValueError, match="unknown log-det estimator 'magic'"):
+        build_flow("resflow", event_shape=(2,), logdet=LogDetOptions("magic"))
 
 
 def test_sequential_of_everything_is_a_flow():
@@ -650,11 +653,11 @@ def test_cnf_behind_flow_interface(shape):
     check_bijection(flow, randn(2, *shape))
 
 
-def test_identity_and_logit_are_flows():
-    from cnf.flows.logit import LogitTransform
-
+def test_identity_and_preprocessing_are_flows():
     from cnf.flows.base import IdentityFlow
+    from cnf.flows.preprocess import Preprocess
 
     x = torch.rand(3, 1, 2, 2, dtype=F64, generator=torch.Generator().manual_seed(0))
     check_bijection(IdentityFlow(), x)
-    check_bijection(LogitTransform(0.05), x)
+    check_bijection(Preprocess(logit_alpha=0.05), x)
+    check_bijection(Preprocess(logit_alpha=0.05, scale=2.0, shift=-1.0), x)

@@ -15,14 +15,15 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from cnf.flows.logit import LogitTransform
 
 from cnf.config import ConfigError, load_config
 from cnf.data import DataError, build_dataset
 from cnf.data.images import dequantize, load_cifar10, load_mnist, read_idx
 from cnf.metrics import bits_per_dim
 from cnf.models.base import EvalOutput, GenerativeModel
-from cnf.train.loop import bpd_metrics, evaluate_split
+from cnf.evaluation import _bpd as bpd_metrics
+from cnf.evaluation import evaluate_points
+from cnf.flows.preprocess import Preprocess
 
 F64 = torch.float64
 
@@ -101,7 +102,7 @@ def test_dequantize_noise_does_not_depend_on_batching() -> None:
 
 
 class _SumModel(GenerativeModel):
-    """'NLL' = sum of the inputs: shows exactly what evaluate_split fed the model."""
+    """'NLL' = sum of the inputs: shows exactly what evaluate_points fed the model."""
 
     event_shape = (64,)
 
@@ -109,7 +110,7 @@ class _SumModel(GenerativeModel):
         super().__init__()
         self.p = torch.nn.Parameter(torch.zeros((), dtype=F64))
 
-    def evaluate(self, x, *, cost=None):
+    def evaluate(self, x, settings=None):
         return EvalOutput(nll=x.sum(1), stats={"nfe": 1})
 
 
@@ -118,10 +119,8 @@ def test_evaluate_split_dequantises_with_seeded_noise() -> None:
     model = _SumModel()
 
     def run(batch_size: int, seed: int) -> float:
-        res = evaluate_split(
-            model, data.test, batch_size=batch_size, seed=seed, transform=data.eval_transform
-        )
-        return res["nll"]
+        res = evaluate_points(model, data.test, data, batch_size=batch_size, seed=seed)
+        return float(res.nll.mean())
 
     a, b, c = run(100, 0), run(359, 0), run(100, 1)
     assert a == b  # independent of the batch size
@@ -139,8 +138,8 @@ def test_image_config_keys() -> None:
 
 
 # ----------------------------------------------------------------- logit transform
-def test_logit_transform_round_trip_and_logdet() -> None:
-    flow = LogitTransform(0.05)
+def test_logit_preprocessing_round_trip_and_logdet() -> None:
+    flow = Preprocess(logit_alpha=0.05)
     x = torch.rand(5, 1, 2, 2, dtype=F64, generator=torch.Generator().manual_seed(0))
     z, logdet = flow(x)
     torch.testing.assert_close(flow.inverse(z), x)
@@ -150,7 +149,7 @@ def test_logit_transform_round_trip_and_logdet() -> None:
         )
         torch.testing.assert_close(logdet[i], torch.linalg.slogdet(jac).logabsdet)
     with pytest.raises(ValueError, match="alpha"):
-        LogitTransform(0.5)
+        Preprocess(logit_alpha=0.5)
 
 
 # ----------------------------------------------------------------- MNIST (IDX)

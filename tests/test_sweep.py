@@ -17,23 +17,30 @@ import pytest
 from conftest import PYTHON, REPO, assert_clean_failure, run_script, subprocess_env
 from omegaconf import OmegaConf
 
+from slurm.launch import array_spec, check_time_quoted, parse_slurm, render_sbatch
+
+from cnf.rundir import RunDir, RunFolderError
 from cnf.sweep import (
     Run,
     SweepError,
-    array_spec,
     expand,
     format_value,
     load_sweep,
     manifest_text,
     plan,
-    render_sbatch,
     run_name,
     run_status,
 )
-from cnf.train.loop import RunFolderError, lock_run_dir
 
 SWEEPS = sorted((REPO / "configs" / "sweeps").glob("*.yaml"))
 BASE = REPO / "configs" / "ffjord" / "toy.yaml"
+
+
+def load_checked(path: Path, **kwargs):
+    """What ``experiments/sweep.py`` does first: the file, its SLURM section, its runs."""
+    check_time_quoted(path.read_text(), str(path))
+    sweep = load_sweep(path, **kwargs)
+    return sweep, parse_slurm(sweep.slurm, str(path))
 
 
 def write_sweep(tmp_path: Path, text: str, name: str = "s.yaml") -> Path:
@@ -127,13 +134,17 @@ def test_format_value_round_trips_through_omegaconf(value):
     assert parsed == value
 
 
-def test_time_in_yaml_stays_a_string(tmp_path):
+def test_time_in_yaml_must_be_quoted(tmp_path):
+    # YAML reads an unquoted 1:00:00 as the number 3600: refused, with the fix.
     p = write_sweep(tmp_path, GOOD + "slurm: {time: 1:00:00, mem: 4G}\n")
-    assert load_sweep(p).slurm.time == "1:00:00"  # YAML 1.1 would read 3600
+    with pytest.raises(SweepError, match=r'slurm.time: quote it \(time: "1:00:00"\)'):
+        load_checked(p)
+    p = write_sweep(tmp_path, GOOD + "slurm: {time: '1:00:00', mem: 4G}\n")
+    assert load_checked(p)[1].time == "1:00:00"
 
 
 MALFORMED = {
-    "unknown key": (GOOD + "axis: {seed: [1]}\n", "unknown key 'axis'"),
+    "unknown key": (GOOD + "axis: {seed: [1]}\n", "unknown config key 'axis'"),
     "empty axis": (GOOD.replace("seed: [0, 1, 2]", "seed: []"), "axes.seed is empty"),
     "axis not a list": (GOOD.replace("seed: [0, 1, 2]", "seed: 3"), "must be a list"),
     "key the base lacks": (
@@ -170,7 +181,7 @@ MALFORMED = {
 def test_malformed_sweep_is_one_clear_error(tmp_path, case):
     text, expected = MALFORMED[case]
     with pytest.raises(SweepError) as err:
-        plan(load_sweep(write_sweep(tmp_path, text)))
+        plan(load_checked(write_sweep(tmp_path, text))[0])
     msg = str(err.value)
     assert expected in msg and "\n" not in msg
 
@@ -184,7 +195,7 @@ def test_array_spec():
 
 def test_render_sbatch_quotes_values_and_keeps_overrides_out(tmp_path):
     evil = tmp_path / "runs $(touch PWNED) 'x'"
-    sweep = load_sweep(
+    sweep, slurm = load_checked(
         write_sweep(
             tmp_path,
             GOOD + "slurm: {partition: gpu, gpus: 1, time: '04:00:00', mem: 16G, array_throttle: 3,"
@@ -198,6 +209,7 @@ def test_render_sbatch_quotes_values_and_keeps_overrides_out(tmp_path):
     script = render_sbatch(
         tmpl,
         sweep,
+        slurm,
         [0, 1, 5],
         manifest=manifest,
         workdir=REPO,
@@ -233,14 +245,15 @@ def test_render_sbatch_quotes_values_and_keeps_overrides_out(tmp_path):
 
 
 def test_ddp_template_is_chosen_for_multi_gpu_tasks(tmp_path):
-    sweep = load_sweep(
+    sweep, slurm = load_checked(
         write_sweep(tmp_path, GOOD + "slurm: {gpus: 4, nodes: 2, cpus_per_task: 32}\n")
     )
-    assert sweep.slurm.kind == "ddp" and sweep.slurm.procs_per_node == 4
+    assert slurm.kind == "ddp" and slurm.procs_per_node == 4
     tmpl = (REPO / "slurm" / "ddp.sbatch.tmpl").read_text()
     script = render_sbatch(
         tmpl,
         sweep,
+        slurm,
         [0],
         manifest=tmp_path / "m.jsonl",
         workdir=REPO,
@@ -270,8 +283,8 @@ def test_run_status(tmp_path):
         [
             PYTHON,
             "-c",
-            "import sys, time; from cnf.train.loop import lock_run_dir; "
-            "h = lock_run_dir(sys.argv[1]); print('locked', flush=True); time.sleep(60)",
+            "import sys, time; from cnf.rundir import RunDir; "
+            "h = RunDir(sys.argv[1]).lock(); print('locked', flush=True); time.sleep(60)",
             str(run.run_dir),
         ],
         cwd=REPO,
@@ -283,7 +296,7 @@ def test_run_status(tmp_path):
         assert holder.stdout.readline().strip() == "locked"
         assert run_status(run) == "running"
         with pytest.raises(RunFolderError, match="in use by another training process"):
-            lock_run_dir(run.run_dir)  # a second training process would stop here
+            RunDir(run.run_dir).lock()  # a second training process would stop here
     finally:
         holder.kill()
         holder.wait(timeout=30)

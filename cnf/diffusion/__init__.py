@@ -22,6 +22,7 @@ from cnf.diffusion.likelihood import (
     probability_flow_cnf,
     probability_flow_nll,
 )
+from cnf.diffusion.ncsnpp import NCSNpp, ddpm_unet, ddpmpp, ncsnpp  # registers them
 from cnf.diffusion.nets import (
     PARAMETERIZATIONS,
     SCORE_NETS,
@@ -47,6 +48,7 @@ from cnf.diffusion.unet import UNet  # registers the "unet" score network
 __all__ = [
     "CORRECTIONS",
     "LinearSDE",
+    "NCSNpp",
     "OT_SOLVERS",
     "PAIRINGS",
     "PARAMETERIZATIONS",
@@ -65,10 +67,13 @@ __all__ = [
     "build_sde",
     "build_time_embedding",
     "cfm_loss",
+    "ddpm_unet",
+    "ddpmpp",
     "decoder_constant",
     "dsm_loss",
     "euler_maruyama",
     "load_pairs",
+    "ncsnpp",
     "nelbo",
     "ot_permutation",
     "output_to_score",

@@ -76,6 +76,7 @@ Example:
 
 from __future__ import annotations
 
+import functools
 import math
 from collections.abc import Callable, Sequence
 from typing import Any
@@ -85,14 +86,18 @@ import torch.nn.functional as F
 from einops import rearrange
 from torch import Tensor, nn
 
-from cnf.diffusion.nets import GaussianFourierEmbedding, SinusoidalEmbedding, _per_sample_time
+from cnf.diffusion.nets import (
+    GaussianFourierEmbedding,
+    SinusoidalEmbedding,
+    _per_sample_time,
+    register_image_net,
+)
 from cnf.diffusion.resample import (
     conv_downsample_2d,
     downsample_2d,
     upsample_2d,
     upsample_conv_2d,
 )
-from cnf.nets import _lookup
 
 __all__ = [
     "EMBEDDINGS",
@@ -544,7 +549,9 @@ class NCSNpp(nn.Module):
 
 
 # ------------------------------------------------------------------- presets
-def ddpmpp(image_shape: Sequence[int], *, deep: bool = False, **options: Any) -> NCSNpp:
+def ddpmpp(
+    image_shape: Sequence[int], *, deep: bool = False, _defaults_only: bool = False, **options: Any
+) -> NCSNpp:
     """DDPM++ (cont.) of Song et al. 2021 for VP and sub-VP SDEs.
 
     score_sde's ``configs/vp/cifar10_ddpmpp_continuous.py`` (``deep``:
@@ -578,10 +585,14 @@ def ddpmpp(image_shape: Sequence[int], *, deep: bool = False, **options: Any) ->
         init_scale=0.0,
         centered=True,
     )
+    if _defaults_only:
+        return preset  # type: ignore[return-value]
     return NCSNpp(image_shape, **{**preset, **options})
 
 
-def ncsnpp(image_shape: Sequence[int], *, deep: bool = False, **options: Any) -> NCSNpp:
+def ncsnpp(
+    image_shape: Sequence[int], *, deep: bool = False, _defaults_only: bool = False, **options: Any
+) -> NCSNpp:
     """NCSN++ (cont.) of Song et al. 2021 for the VE SDE.
 
     score_sde's ``configs/ve/cifar10_ncsnpp_continuous.py`` (``deep``:
@@ -620,10 +631,14 @@ def ncsnpp(image_shape: Sequence[int], *, deep: bool = False, **options: Any) ->
         init_scale=0.0,
         centered=False,
     )
+    if _defaults_only:
+        return preset  # type: ignore[return-value]
     return NCSNpp(image_shape, **{**preset, **options})
 
 
-def ddpm_unet(image_shape: Sequence[int], *, nf: int = 128, **options: Any) -> NCSNpp:
+def ddpm_unet(
+    image_shape: Sequence[int], *, nf: int = 128, _defaults_only: bool = False, **options: Any
+) -> NCSNpp:
     """The DDPM U-Net (Ho et al. 2020; score_sde's ``models/ddpm.py``).
 
     ``configs/vp/ddpm/cifar10_continuous.py``: nf 128, ch_mult (1, 2, 2, 2), 2
@@ -658,7 +673,27 @@ def ddpm_unet(image_shape: Sequence[int], *, nf: int = 128, **options: Any) -> N
         centered=True,
         min_group_width=2,
     )
+    if _defaults_only:
+        return preset  # type: ignore[return-value]
     return NCSNpp(image_shape, **{**preset, **options})
+
+
+def _preset(builder: Callable[..., NCSNpp], name: str) -> Callable[..., NCSNpp]:
+    """A config-facing builder ``(image_shape, **NCSNpp options)`` with the preset's defaults.
+
+    Its options are :class:`NCSNpp`'s keyword arguments, with the defaults the
+    preset ``builder`` gives them (what :func:`cnf.schema.options_schema` shows in
+    a resolved config; ``deep`` is ``num_res_blocks: 8``).
+    """
+    defaults = dict(builder((3, 32, 32), _defaults_only=True))
+
+    @functools.wraps(NCSNpp)
+    def build(image_shape: Sequence[int], **options: Any) -> NCSNpp:
+        return NCSNpp(image_shape, **{**defaults, **options})
+
+    build.option_defaults = defaults  # type: ignore[attr-defined]
+    build.__name__ = name
+    return build
 
 
 SCORE_BACKBONES: dict[str, Callable[..., NCSNpp]] = {
@@ -670,4 +705,11 @@ SCORE_BACKBONES: dict[str, Callable[..., NCSNpp]] = {
 
 def build_score_backbone(name: str, image_shape: Sequence[int], **options: Any) -> NCSNpp:
     """Registry lookup in :data:`SCORE_BACKBONES`: ``ddpmpp`` | ``ncsnpp`` | ``ddpm``."""
-    return _lookup(SCORE_BACKBONES, name, "score backbone")(image_shape, **options)
+    if name not in SCORE_BACKBONES:
+        valid = ", ".join(sorted(SCORE_BACKBONES))
+        raise ValueError(f"unknown score backbone '{name}'; valid: {valid}")
+    return SCORE_BACKBONES[name](image_shape, **options)
+
+
+for _name, _builder in SCORE_BACKBONES.items():
+    register_image_net(_name, _preset(_builder, _name))

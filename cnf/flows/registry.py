@@ -19,11 +19,12 @@ Example:
 from __future__ import annotations
 
 import functools
+import inspect
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
-from cnf.flows.base import Flow
+from cnf.flows.base import Flow, IdentityFlow
 from cnf.flows.multiscale import (
     glow_image,
     glow_vector,
@@ -35,7 +36,7 @@ from cnf.flows.multiscale import (
 from cnf.flows.residual import resflow
 from cnf.registry import Registry
 
-__all__ = ["FLOWS", "FlowBuilder", "build_flow"]
+__all__ = ["FLOWS", "FLOWS_OR_IDENTITY", "FlowBuilder", "build_flow"]
 
 Builder = Callable[..., Flow]
 
@@ -66,11 +67,22 @@ class FlowBuilder:
 
     def __call__(self, event_shape: tuple[int, ...], **options: Any) -> Flow:
         event_shape = tuple(int(s) for s in event_shape)
-        if len(event_shape) == 1:
-            return self.builder("vector")(event_shape[0], **options)
-        if len(event_shape) == 3:
-            return self.builder("image")(event_shape, **options)
-        raise ValueError(f"event_shape must be (D,) or (C, H, W), got {event_shape}")
+        if len(event_shape) not in (1, 3):
+            raise ValueError(f"event_shape must be (D,) or (C, H, W), got {event_shape}")
+        kind = "vector" if len(event_shape) == 1 else "image"
+        builder = self.builder(kind)
+        valid = [
+            p.name
+            for p in inspect.signature(builder).parameters.values()
+            if p.kind is inspect.Parameter.KEYWORD_ONLY
+        ]
+        unknown = sorted(set(options) - set(valid))
+        if unknown:
+            raise ValueError(
+                f"unknown option(s) {', '.join(repr(k) for k in unknown)} for flow "
+                f"{self.name!r} ({kind}); valid: {', '.join(sorted(valid))}"
+            )
+        return builder(event_shape[0] if kind == "vector" else event_shape, **options)
 
 
 @functools.wraps(resflow)
@@ -86,6 +98,16 @@ FLOWS: Registry[FlowBuilder] = Registry(
         "realnvp": FlowBuilder("realnvp", realnvp_vector, realnvp_image),
         "resflow": FlowBuilder("resflow", _resflow_vector, resflow),
     },
+)
+
+
+def _identity(shape: Any) -> Flow:
+    return IdentityFlow()
+
+
+# INDM may use no flow at all: with the identity it is exactly the score model.
+FLOWS_OR_IDENTITY: Registry[FlowBuilder] = Registry(
+    "flow", {**FLOWS, "identity": FlowBuilder("identity", _identity, _identity)}
 )
 
 

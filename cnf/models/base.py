@@ -20,7 +20,7 @@ from __future__ import annotations
 from collections.abc import Callable, Iterator, Mapping
 from contextlib import contextmanager
 from dataclasses import dataclass, field
-from typing import Any, ClassVar
+from typing import Any, ClassVar, NamedTuple
 
 import torch
 from torch import Tensor, nn
@@ -58,15 +58,14 @@ class EvalOutput:
     stats: dict[str, float] = field(default_factory=dict)
 
 
-@dataclass
-class SampleOutput:
-    """Samples ``(n, *event_shape)`` and the statistics of the sampler (``{"nfe": ...}``)."""
+class SampleOutput(NamedTuple):
+    """Samples ``(n, *event_shape)`` and the statistics of the sampler (``{"nfe": ...}``).
+
+    A named tuple: ``x, stats = model.sample(n)`` works.
+    """
 
     x: Tensor
-    stats: dict[str, float] = field(default_factory=dict)
-
-    def __iter__(self) -> Iterator[Any]:  # ``x, stats = model.sample(n)``
-        return iter((self.x, self.stats))
+    stats: dict[str, float]
 
 
 class GenerativeModel(nn.Module):

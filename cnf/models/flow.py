@@ -45,13 +45,12 @@ from cnf.flows.base import (
     DiagonalNormal,
     Flow,
     FlowSettings,
-    IdentityFlow,
     flow_log_prob,
     flow_sample,
 )
 from cnf.flows.logdet import ExactLogDet, LogDetEstimator, SeriesLogDet
 from cnf.flows.preprocess import Preprocess
-from cnf.flows.registry import FLOWS
+from cnf.flows.registry import FLOWS_OR_IDENTITY
 from cnf.flows.residual import ResidualBlock
 from cnf.models.base import EvalOutput, GenerativeModel, LossOutput, SampleOutput
 from cnf.schema import EvalLogDetSchema, FlowSchema, builder_options
@@ -126,10 +125,8 @@ class FlowModelSettings:
 
 
 def build_named_flow(section: Any, event_shape: tuple[int, ...]) -> Flow:
-    """A flow of :data:`cnf.flows.registry.FLOWS` from its typed ``{name, options}`` section."""
-    if section.name == "identity":
-        return IdentityFlow()
-    return FLOWS[section.name](tuple(event_shape), **builder_options(section))
+    """A flow of :data:`cnf.flows.registry.FLOWS_OR_IDENTITY` from its typed ``{name, options}`` section."""
+    return FLOWS_OR_IDENTITY[section.name](tuple(event_shape), **builder_options(section))
 
 
 # ------------------------------------------------------------------ the model

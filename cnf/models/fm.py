@@ -123,6 +123,16 @@ class FlowMatchingModel(GenerativeModel):
         """Flat model space ``(B, D)`` → data ``(B, *event)``."""
         return self.preprocess.inverse(y.reshape(y.shape[0], *self.event_shape))
 
+    def set_reflow_pairs(self, x0: Tensor, x1: Tensor) -> None:
+        """Train on these ``(x0, x1)`` pairs (model space, ``(N, D)``) instead of fresh couplings."""
+        if x0.shape != x1.shape or x0.dim() != 2 or x0.shape[1] != self.dim:
+            raise ValueError(
+                f"reflow pairs must both have shape (N, {self.dim}), "
+                f"got {tuple(x0.shape)} and {tuple(x1.shape)}"
+            )
+        self.pairs_x0 = x0.to(self.device, self.dtype)
+        self.pairs_x1 = x1.to(self.device, self.dtype)
+
     # ------------------------------------------------------------- training
     def training_loss(self, x: Tensor) -> LossOutput:
         """CFM regression loss on a batch (mean over pairs and dimensions).
