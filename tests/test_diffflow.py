@@ -36,26 +36,24 @@ from cnf.diffflow import (
     path_nelbo,
     run_backward,
 )
-from cnf.models.diffflow import DiffFlowSchema, build_diffflow
+from conftest import build_family
 
 REPO = Path(__file__).resolve().parent.parent
 
 
 def make_model(**overrides) -> torch.nn.Module:
     """A small float64 DiffFlow with random (not zero) networks, so every term is exercised."""
-    cfg = OmegaConf.structured(DiffFlowSchema)
-    cfg.steps = 6
-    for net in (cfg.drift_net, cfg.score_net):
-        net.hidden_dims, net.zero_init, net.activation = [12, 12], False, "tanh"
-    cfg = OmegaConf.merge(cfg, OmegaConf.create(overrides))
+    net = {"name": "mlp", "hidden_dims": [12, 12], "zero_init": False, "activation": "tanh"}
+    cfg = OmegaConf.create({"steps": 6, "drift_net": net, "score_net": net})
+    cfg = OmegaConf.to_container(OmegaConf.merge(cfg, OmegaConf.create(overrides)))
     torch.manual_seed(0)
-    return build_diffflow(cfg, (3,)).double()
+    return build_family("diffflow", cfg, (3,)).double()
 
 
 VARYING = {
     "diffusion": {"name": "linear", "start": 0.3, "end": 1.2},
     "base_drift": "vp",
-    "grid": {"kind": "power", "t_start": 0.01, "t_end": 1.0, "power": 0.7},
+    "grid": {"name": "power", "t_start": 0.01, "t_end": 1.0, "power": 0.7},
 }
 
 
@@ -89,7 +87,12 @@ def test_backward_noise_reproduces_forward_trajectory(overrides):
 
 @pytest.mark.parametrize(
     "overrides",
-    [{}, VARYING, {**VARYING, "freeze_drift": True}, {"prior_std": 2.0, "input_scale": 0.5}],
+    [
+        {},
+        VARYING,
+        {**VARYING, "freeze_drift": True},
+        {"prior_std": 2.0, "preprocess": {"scale": 2.0}},
+    ],
     ids=["released", "varying-g", "frozen-vp", "scaled"],
 )
 def test_checkpointed_gradients_equal_autograd(overrides):
@@ -125,7 +128,7 @@ def test_checkpointed_reports_recomputation():
     out.loss.backward()
     n = model.steps
     assert out.stats["nfe_forward"] == 2 * n + 1  # N + 1 drift, N score evaluations
-    assert model.backward_stats()["nfe_backward"] == 2 * n + 1
+    assert out.after_backward()["nfe_backward"] == 2 * n + 1
 
 
 # ------------------------------------------------------------- the NELBO terms
@@ -205,12 +208,12 @@ def gaussian_path_nelbo(
 
 @pytest.mark.parametrize("g", ["constant", "linear"])
 def test_gaussian_nelbo_matches_closed_form(g):
-    grid = TimeGrid(kind="power", t_start=0.01, t_end=1.0, power=0.8)
+    grid = TimeGrid(name="power", t_start=0.01, t_end=1.0, power=0.8)
     cfg = {
-        "constant": {"name": "constant", "value": 0.8},
-        "linear": {"name": "linear", "start": 0.4, "end": 1.5},
+        "constant": {"value": 0.8},
+        "linear": {"start": 0.4, "end": 1.5},
     }[g]
-    sched = build_diffusion(cfg, grid)
+    sched = build_diffusion(g, grid, **cfg)
     ts = grid.times(8)
     gs = sched(ts)
     dyn = LinearDynamics(lambda t: -0.9 + 0.3 * t, lambda t: 0.6 + 0.2 * t)
@@ -274,7 +277,7 @@ def test_zero_init_learned_drift_starts_as_the_frozen_model():
 
 # ------------------------------------------------------------- grids, schedules
 def test_time_grids():
-    g = TimeGrid(kind="power", t_start=0.001, t_end=0.05, power=0.9)
+    g = TimeGrid(name="power", t_start=0.001, t_end=0.05, power=0.9)
     t = g.times(30)
     u = torch.linspace(0.001**0.9, 0.05**0.9, 31, dtype=torch.float64)
     torch.testing.assert_close(t, u ** (1 / 0.9))  # the released ExpTimer rule
@@ -288,16 +291,18 @@ def test_time_grids():
         TimeGrid("uniform", 0.0, 1.0).times(4), torch.linspace(0, 1, 5, dtype=torch.float64)
     )
     with pytest.raises(ValueError, match="valid: power, uniform"):
-        TimeGrid(kind="cosine")
+        TimeGrid(name="cosine")
 
 
 def test_diffusion_registry_errors():
     grid = TimeGrid("uniform", 0.0, 1.0)
     with pytest.raises(ValueError, match="valid: constant, geometric, linear, vp"):
-        build_diffusion({"name": "cubic"}, grid)
+        build_diffusion("cubic", grid)
     with pytest.raises(ValueError, match="g = 0"):
-        build_diffusion({"name": "linear", "start": 0.0, "end": 1.0}, grid)
-    geo = build_diffusion({"name": "geometric", "start": 0.1, "end": 10.0}, grid)
+        build_diffusion("linear", grid, start=0.0, end=1.0)
+    with pytest.raises(ValueError, match="diffusion 'constant'.*'start'"):
+        build_diffusion("constant", grid, start=1.0)  # another schedule's option
+    geo = build_diffusion("geometric", grid, start=0.1, end=10.0)
     torch.testing.assert_close(
         geo(torch.tensor([0.0, 0.5, 1.0], dtype=torch.float64)),
         torch.tensor([0.1, 1.0, 10.0], dtype=torch.float64),
@@ -307,14 +312,13 @@ def test_diffusion_registry_errors():
 # ------------------------------------------------------------------ sampling
 def test_sampling_costs_and_samplers():
     model = make_model(**VARYING)
-    x, stats = model.sample(11, cost={"steps": 4}, generator=torch.Generator().manual_seed(0))
+    x, stats = model.sample(
+        11, model.with_settings(steps=4), generator=torch.Generator().manual_seed(0)
+    )
     assert x.shape == (11, 3) and stats == {"nfe": 8, "steps": 4}
-    a, _ = model.sample(
-        5, cost={"sampler": "ode", "steps": 9}, generator=torch.Generator().manual_seed(1)
-    )
-    b, _ = model.sample(
-        5, cost={"sampler": "ode", "steps": 9}, generator=torch.Generator().manual_seed(1)
-    )
+    ode = model.with_settings(sampler="ode", steps=9)
+    a, _ = model.sample(5, ode, generator=torch.Generator().manual_seed(1))
+    b, _ = model.sample(5, ode, generator=torch.Generator().manual_seed(1))
     torch.testing.assert_close(a, b)
     # The sde sampler is the backward chain with fresh noise and a noise-free last step.
     gen = torch.Generator().manual_seed(2)
@@ -324,18 +328,20 @@ def test_sampling_costs_and_samplers():
         noises = {i: torch.randn(4, 3, generator=gen, dtype=torch.float64) for i in range(4, 0, -1)}
         noises[0] = None
         want = run_backward(model, z, ts, gs, noise=lambda i: noises[i])
-    got, _ = model.sample(4, cost={"steps": 5}, generator=torch.Generator().manual_seed(2))
+    got, _ = model.sample(
+        4, model.with_settings(steps=5), generator=torch.Generator().manual_seed(2)
+    )
     torch.testing.assert_close(got, want)
     frozen = make_model(freeze_drift=True)
-    assert frozen.sample(3, cost={"steps": 7})[1]["nfe"] == 7  # a fixed drift is no network
-    with pytest.raises(ValueError, match="valid: sampler, steps"):
-        model.sample(2, cost={"method": "rk4"})
+    assert frozen.sample(3, frozen.with_settings(steps=7))[1]["nfe"] == 7  # no drift network
+    with pytest.raises(ValueError, match="unknown setting 'method'.*valid: sampler, steps"):
+        model.with_settings(method="rk4")
 
 
 def test_evaluate_is_a_nelbo_with_steps():
     model = make_model()
     x = torch.randn(8, 3, dtype=torch.float64)
-    out = model.evaluate(x, cost={"steps": 3})
+    out = model.evaluate(x, model.with_settings(steps=3))
     assert out.nll is None and out.nelbo.shape == (8,) and out.stats["nfe"] == 7
     assert model.default_cost_grid() == [{"steps": n} for n in (5, 10, 20, 30, 50, 100)]
 
@@ -421,5 +427,5 @@ def test_mnist_config_builds_and_steps():
     model = build_model(cfg, (1, 28, 28))
     out = model.training_loss(torch.rand(2, 1, 28, 28))
     out.loss.backward()
-    assert math.isfinite(float(out.loss.detach())) and model.backward_stats()["nfe_backward"] == 5
+    assert math.isfinite(float(out.loss.detach())) and out.after_backward()["nfe_backward"] == 5
     assert all(p.grad is not None for p in model.score_net.parameters())
