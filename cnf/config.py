@@ -70,9 +70,7 @@ def _read_yaml(path: Path, seen: tuple[Path, ...] = ()) -> DictConfig:
     try:
         cfg = OmegaConf.load(path)
     except Exception as e:
-        raise ConfigError(
-            f"config file {path} is not valid YAML: {_first_line(e)}"
-        ) from None
+        raise ConfigError(f"config file {path} is not valid YAML: {_first_line(e)}") from None
     if not isinstance(cfg, DictConfig):
         raise ConfigError(f"config file {path} must hold a mapping at the top level")
     base = cfg.pop("_base_", None)
@@ -360,7 +358,9 @@ def _install_choices(node: DictConfig, cls: type, raw: Any, kind: str, path: str
                 raise ConfigError(f"{path}{f.name}: {e}") from None
             node[f.name] = OmegaConf.merge(OmegaConf.structured(sub_schema), defaults)
         elif f.name in _section_types(cls):
-            _install_choices(node[f.name], _section_types(cls)[f.name], sub_raw, kind, f"{path}{f.name}.")
+            _install_choices(
+                node[f.name], _section_types(cls)[f.name], sub_raw, kind, f"{path}{f.name}."
+            )
 
 
 @functools.cache
@@ -384,8 +384,10 @@ def _choice_paths(cls: type, prefix: str) -> set[str]:
 
 def _merge_overrides(base: DictConfig, over: DictConfig) -> DictConfig:
     """``base`` updated by ``over``; a named choice whose ``name`` changes starts afresh."""
+    from cnf.models import MODELS
+
     family = OmegaConf.select(over, "model.family") or OmegaConf.select(base, "model.family")
-    cls = schema.MODEL_SCHEMAS.get(family)
+    cls = MODELS[family].schema if family in MODELS else None
     out = OmegaConf.merge(base, over)
     for path in _choice_paths(cls, "model.") if cls is not None else ():
         new = OmegaConf.select(over, path)
@@ -438,13 +440,13 @@ def _build_root(raw: DictConfig) -> DictConfig:
 
     if family is None:
         raise ConfigError(f"config needs model.family; valid: {', '.join(sorted(MODELS))}")
-    if family not in schema.MODEL_SCHEMAS:
+    if family not in MODELS:
         raise ConfigError(
             f"model.family: unknown value '{family}'; valid: {', '.join(sorted(MODELS))}"
             + suggest(str(family), MODELS)
         )
     root = OmegaConf.structured(schema.Config)
-    model_cls = schema.MODEL_SCHEMAS[family]
+    model_cls = MODELS[family].schema
     root.model = OmegaConf.structured(model_cls)
     _install_choices(root.model, model_cls, raw.get("model"), _data_kind(raw), "model.")
     return root
@@ -484,9 +486,7 @@ def _check_data(run: schema.Config) -> None:
 def load_config(path: str | Path, overrides: list[str] = ()) -> DictConfig:
     """Read, migrate, merge and validate a config; raises :class:`ConfigError`."""
     raw = migrate(_read_yaml(Path(path)))
-    over = migrate(
-        parse_overrides(list(overrides)), family=OmegaConf.select(raw, "model.family")
-    )
+    over = migrate(parse_overrides(list(overrides)), family=OmegaConf.select(raw, "model.family"))
     return resolve(_merge_overrides(raw, over))
 
 

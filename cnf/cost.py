@@ -248,7 +248,8 @@ def describe_setting(setting: Mapping[str, Any]) -> str:
     if not setting:
         return "default"
     s = dict(setting)
-    parts = [str(s.pop("method"))] if "method" in s else []
+    word = next((k for k in ("method", "name") if k in s), None)  # the solver's name
+    parts = [str(s.pop(word))] if word else []
     if "rtol" in s and "atol" in s and s["rtol"] == s["atol"]:
         parts.append(f"tol={_fmt_value(s.pop('rtol'))}")
         s.pop("atol")

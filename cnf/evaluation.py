@@ -170,9 +170,7 @@ def summarize(result: PointEvaluation, data: Any, *, prefix: str = "") -> dict[s
         if result.nll is not None:
             out["gap"], out["gap_stderr"] = mean_stderr(result.nll - result.data_nll)
         if result.nelbo is not None:  # NELBO − floor ≥ KL(data ‖ model): a bound, not the gap
-            out["nelbo_gap"], out["nelbo_gap_stderr"] = mean_stderr(
-                result.nelbo - result.data_nll
-            )
+            out["nelbo_gap"], out["nelbo_gap_stderr"] = mean_stderr(result.nelbo - result.data_nll)
     if data.entropy is not None and (result.nll is not None or result.nelbo is not None):
         out["entropy"], out["entropy_stderr"] = data.entropy
     offset = float(getattr(data, "nll_offset", 0.0))

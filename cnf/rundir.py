@@ -117,9 +117,7 @@ class RunDir:
     LOCK = ".lock"
     OWN_FILES = (CONFIG, METRICS, CKPT, FINAL, EVALS, WANDB_ID)
     # What an atomic write leaves behind when killed mid-write (cnf.train.checkpoint).
-    TEMP_RE = re.compile(
-        r"^(" + "|".join(re.escape(n) for n in OWN_FILES) + r")\.[^/]+\.tmp$"
-    )
+    TEMP_RE = re.compile(r"^(" + "|".join(re.escape(n) for n in OWN_FILES) + r")\.[^/]+\.tmp$")
 
     def __init__(self, path: str | Path):
         self.path = Path(path)
@@ -217,7 +215,11 @@ class RunDir:
             raise RunFolderError(f"run.dir {path}: config.yaml is unreadable") from None
         new = to_dict(cfg)
         old_iters = old.get("train", {}).get("iters")
-        if old_iters is not None and old_iters != cfg.train.iters and cfg.train.schedule != "constant":
+        if (
+            old_iters is not None
+            and old_iters != cfg.train.iters
+            and cfg.train.schedule != "constant"
+        ):
             # A cosine schedule spans train.iters: changing it rewrites the learning
             # rates of iterations already done, so the run could not resume exactly.
             raise RunFolderError(
@@ -383,4 +385,6 @@ def load_weights(model: torch.nn.Module, source: str | Path, *, key: str) -> Non
     try:
         model.load_state_dict(weights)
     except RuntimeError as e:
-        raise ValueError(f"{key}: {path} does not fit this model ({str(e).splitlines()[0]})") from None
+        raise ValueError(
+            f"{key}: {path} does not fit this model ({str(e).splitlines()[0]})"
+        ) from None

@@ -39,7 +39,6 @@ __all__ = [
     "DataSchema",
     "DivergenceSchema",
     "EvalSchema",
-    "MODEL_SCHEMAS",
     "PreprocessSchema",
     "SolverSchema",
     "TrackSchema",
@@ -125,7 +124,9 @@ def options_schema(owner: str, name: str, builder: Callable[..., Any]) -> type:
         if p.kind is not inspect.Parameter.KEYWORD_ONLY:
             continue
         if p.default is inspect.Parameter.empty:
-            raise TypeError(f"{owner} '{name}': option '{p.name}' needs a default to be configurable")
+            raise TypeError(
+                f"{owner} '{name}': option '{p.name}' needs a default to be configurable"
+            )
         typ = _config_type(hints.get(p.name, Any))
         default = overrides.get(p.name, p.default)
         if dataclasses.is_dataclass(typ) and default is None:
@@ -148,7 +149,9 @@ def _copy(value: Any) -> Any:
 
 def builder_options(section: Any) -> dict[str, Any]:
     """The keyword options of a resolved choice section (everything but ``name``)."""
-    return {f.name: getattr(section, f.name) for f in dataclasses.fields(section) if f.name != "name"}
+    return {
+        f.name: getattr(section, f.name) for f in dataclasses.fields(section) if f.name != "name"
+    }
 
 
 # --------------------------------------------------------------- shared sections
@@ -410,9 +413,7 @@ class DiffFlowSchema:
         if len(steps) != len(iters):
             raise ValueError("progressive_steps: needs the same length as progressive_iters")
         if any(s < 1 for s in steps) or any(b <= a for a, b in zip(iters, iters[1:])):
-            raise ValueError(
-                "progressive_iters: must increase, and progressive_steps must be >= 1"
-            )
+            raise ValueError("progressive_iters: must increase, and progressive_steps must be >= 1")
         for key in ("drift_lr", "score_lr"):
             value = getattr(self, key)
             if value is not None and value <= 0:
@@ -433,14 +434,6 @@ class FlowSchema:
         _positive(temperature=self.temperature)
 
 
-MODEL_SCHEMAS: dict[str, type] = {
-    "ffjord": FFJORDSchema,
-    "fm": FlowMatchingSchema,
-    "score": ScoreSchema,
-    "diffflow": DiffFlowSchema,
-    "flow": FlowSchema,
-    "indm": INDMSchema,
-}
 
 
 # -------------------------------------------------------------------- run config

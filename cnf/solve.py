@@ -79,7 +79,7 @@ class SolverConfig:
     max_steps: int = 0
 
     def __post_init__(self) -> None:
-        METHODS.check(self.name, key="solver")
+        METHODS.check(self.name, key="name")
         if self.fixed_step and self.steps < 1:
             raise ValueError(f"fixed-step method '{self.name}' needs steps >= 1")
         if not self.fixed_step and (self.rtol <= 0 or self.atol <= 0):

@@ -432,8 +432,16 @@ def read_run_folder(path: Path) -> RunFolder | str:
 
 
 # Config values that legitimately differ between the runs a cell aggregates.
-_VARYING = ("seed", "run", "track", "device", "eval.plots", "train.log_every", "train.ckpt_every",
-            "train.ckpt_minutes")
+_VARYING = (
+    "seed",
+    "run",
+    "track",
+    "device",
+    "eval.plots",
+    "train.log_every",
+    "train.ckpt_every",
+    "train.ckpt_minutes",
+)
 
 
 def _cell_config_differences(runs: Sequence[RunFolder], select: Mapping[str, Any]) -> list[str]:

@@ -66,7 +66,9 @@ def model_labels(run_dirs: list[Path]) -> list[str]:
 
 
 def settings_digest(provenance: dict[str, Any]) -> str:
-    return hashlib.sha1(json.dumps(provenance, sort_keys=True, default=str).encode()).hexdigest()[:8]
+    return hashlib.sha1(json.dumps(provenance, sort_keys=True, default=str).encode()).hexdigest()[
+        :8
+    ]
 
 
 def default_out(run_dirs: list[Path], digest: str) -> Path:

@@ -34,7 +34,6 @@ from typing import Any
 import _cli
 import numpy as np
 import torch
-from omegaconf import OmegaConf
 
 from cnf.config import ConfigError
 from cnf.data.images import IMAGE_DATASETS
@@ -48,7 +47,8 @@ from cnf.quality import (
     reference_statistics,
     samples_to_images,
 )
-from cnf.runs import load_run
+from cnf.rundir import load_run
+from cnf.settings import describe
 
 FID_KEYS = ("features",)  # eval.fid.<key> understood here
 
@@ -74,13 +74,9 @@ def split_fid_overrides(overrides: list[str]) -> tuple[dict[str, str], list[str]
     return fid, rest
 
 
-def sampling_settings(cfg: Any) -> dict[str, Any]:
-    """The settings ``model.sample`` uses: ``eval.solver`` and the model's sampler keys."""
-    out: dict[str, Any] = {"solver": OmegaConf.to_container(cfg.eval.solver)}
-    for key in ("sampler", "sample_steps", "snr", "corrector_steps", "sde_method"):
-        if key in cfg.model:
-            out[key] = cfg.model[key]
-    return out
+def sampling_settings(model: Any) -> dict[str, Any]:
+    """The settings ``model.sample`` uses: the model's full typed settings, flattened."""
+    return describe(model.settings)
 
 
 def main() -> int:
@@ -190,7 +186,7 @@ def main() -> int:
         "batch_size": batch_size,
         "kid_subsets": args.kid_subsets,
         "kid_subset_size": args.kid_subset_size,
-        "sampling": sampling_settings(cfg),
+        "sampling": sampling_settings(model),
         "nfe_per_sample": float(np.mean(nfe)) if nfe else None,
         "finite_fraction": num_finite / args.num_samples,
         "reference": {"num_images": ref.num_images, "cache": str(ref.path)},

@@ -4,7 +4,7 @@
 
 Draws R·C samples with a ``torch.Generator`` seeded with --seed (default
 eval.seed) through ``run.model.sample``; overrides change the sampling
-settings (``eval.solver.method=euler eval.solver.steps=10``, ``model.sampler=em``
+settings (``eval.solver.name=euler eval.solver.steps=10``, ``model.sampler=em``
 ...). Samples are shown at the data's grey levels (``cnf.quality.images``).
 """
 
@@ -21,8 +21,7 @@ from fid import sampling_settings
 from cnf.config import ConfigError
 from cnf.cost import describe_setting
 from cnf.quality import image_grid, samples_to_images
-from cnf.runs import load_run
-from cnf.solve import SolverConfig
+from cnf.rundir import load_run
 
 
 def parse_grid(text: str) -> tuple[int, int]:
@@ -34,19 +33,18 @@ def parse_grid(text: str) -> tuple[int, int]:
     return int(m.group(1)), int(m.group(2))
 
 
-def solver_label(solver: dict) -> str:
-    """``"euler steps=5"`` or ``"dopri5 tol=1e-05"``: only the keys that matter for the method."""
-    fixed = SolverConfig(**solver).fixed_step
-    keep = ("method", "steps") if fixed else ("method", "rtol", "atol", "max_steps")
-    shown = {k: v for k, v in solver.items() if k in keep and (k != "max_steps" or v)}
-    return describe_setting(shown)
+#: Settings that change likelihoods only, never samples: left out of the title.
+LIKELIHOOD_ONLY = ("divergence.", "logdet.", "nelbo_samples", "correction", "solver.adjoint")
 
 
 def title(run, settings: dict, nfe: float | None) -> str:
-    solver = solver_label(settings.pop("solver"))
-    rest = ", ".join(f"{k}={v}" for k, v in settings.items())
+    shown = {
+        k.removeprefix("solver."): v
+        for k, v in settings.items()
+        if not k.startswith(LIKELIHOOD_ONLY) and not (k == "solver.max_steps" and not v)
+    }
     cost = f"NFE {nfe:g}" if nfe is not None else "NFE n/a"
-    return f"{run.run_dir.name} (iteration {run.iteration})\n{solver}{', ' + rest if rest else ''} · {cost}"
+    return f"{run.run_dir.name} (iteration {run.iteration})\n{describe_setting(shown)} · {cost}"
 
 
 def main() -> int:
@@ -88,7 +86,7 @@ def main() -> int:
     fig, ax = plt.subplots(figsize=(max(3.0, w / 12), max(3.0, h / 12) + 0.5), dpi=120)
     ax.imshow(grid[..., 0] if grey else grid, cmap="gray" if grey else None, vmin=0, vmax=1)
     ax.set_axis_off()
-    ax.set_title(title(run, sampling_settings(run.cfg), nfe), fontsize=8)
+    ax.set_title(title(run, sampling_settings(model), nfe), fontsize=8)
     fig.tight_layout(pad=0.2)
     fig.savefig(args.out)
     plt.close(fig)

@@ -119,7 +119,11 @@ def write_plots(trainer: Trainer, final: dict) -> list[str]:
         score = f", test NELBO {final['test_nelbo']:.3f}"
     title = f"{data.name}, iteration {trainer.iteration}{score}"
     save_density_plot(
-        xs, ys, dens, trainer.run_dir / "density.png", title=f"model density ({title}; mass {mass:.3f})"
+        xs,
+        ys,
+        dens,
+        trainer.run_dir / "density.png",
+        title=f"model density ({title}; mass {mass:.3f})",
     )
     made.append("density.png")
     if samples is not None:

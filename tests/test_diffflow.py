@@ -23,6 +23,7 @@ os.environ.setdefault("OMP_NUM_THREADS", "1")
 
 import pytest
 import torch
+from conftest import build_family
 from omegaconf import OmegaConf
 from torch import Tensor
 
@@ -36,7 +37,6 @@ from cnf.diffflow import (
     path_nelbo,
     run_backward,
 )
-from conftest import build_family
 
 REPO = Path(__file__).resolve().parent.parent
 

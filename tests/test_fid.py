@@ -533,7 +533,7 @@ def digits_run(tmp_path_factory: pytest.TempPathFactory) -> Path:
         *TINY,
         "train.iters=2",
         "train.batch_size=32",
-        "eval.solver.method=euler",
+        "eval.solver.name=euler",
         "eval.solver.steps=2",
         f"run.dir={run}",
         config="configs/fm/otcfm_digits.yaml",
@@ -568,7 +568,7 @@ def test_fid_cli_end_to_end(
     ):
         assert key in res, key
     assert res["num_samples"] == 64 and res["features"] == "digits" and res["iteration"] == 2
-    assert res["nfe_per_sample"] == 2 and res["sampling"]["solver"]["method"] == "euler"
+    assert res["nfe_per_sample"] == 2 and res["sampling"]["solver.name"] == "euler"
     assert np.isfinite(res["fid"]) and res["fid"] > 0 and res["kid_stderr"] > 0
     print(f"\nfid.py digits on a 2-iteration run: FD {res['fid']:.3f}, KID {res['kid']:.4f}")
     # The same seed gives the same samples, so the same numbers.

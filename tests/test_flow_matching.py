@@ -9,13 +9,13 @@ import itertools
 import json
 import math
 
-import cnf.flows.cnf as cnf_block
 import numpy as np
 import pytest
 import torch
 from conftest import TINY, build_family, run_train
 from torch import Tensor, nn
 
+import cnf.flows.cnf as cnf_block
 from cnf.config import ConfigError, load_config
 from cnf.diffusion.flow_matching import (
     cfm_loss,
@@ -28,8 +28,8 @@ from cnf.diffusion.flow_matching import (
 )
 from cnf.flows.base import standard_normal_logprob
 from cnf.flows.preprocess import Preprocess
-from cnf.models.fm import FlowMatchingModel
 from cnf.models import build_model
+from cnf.models.fm import FlowMatchingModel
 from cnf.nets import TimeMLP
 from cnf.solve import SolverConfig, integrate
 

@@ -31,6 +31,13 @@ from cnf.flows.glow import (
     InvertibleLinearLU,
     Squeeze,
 )
+from cnf.flows.lipschitz import (
+    SpectralNormLinear,
+    lipschitz_convnet,
+    lipschitz_mlp,
+    update_spectral_norm,
+)
+from cnf.flows.logdet import ExactLogDet, RouletteLogDet, SeriesLogDet
 from cnf.flows.multiscale import (
     glow_image,
     glow_vector,
@@ -40,13 +47,6 @@ from cnf.flows.multiscale import (
     realnvp_vector,
 )
 from cnf.flows.registry import build_flow
-from cnf.flows.lipschitz import (
-    SpectralNormLinear,
-    lipschitz_convnet,
-    lipschitz_mlp,
-    update_spectral_norm,
-)
-from cnf.flows.logdet import ExactLogDet, RouletteLogDet, SeriesLogDet
 from cnf.flows.residual import FixedPointError, LogDetOptions, ResidualBlock
 
 torch.set_num_threads(1)

@@ -19,11 +19,11 @@ import torch
 from cnf.config import ConfigError, load_config
 from cnf.data import DataError, build_dataset
 from cnf.data.images import dequantize, load_cifar10, load_mnist, read_idx
-from cnf.metrics import bits_per_dim
-from cnf.models.base import EvalOutput, GenerativeModel
 from cnf.evaluation import _bpd as bpd_metrics
 from cnf.evaluation import evaluate_points
 from cnf.flows.preprocess import Preprocess
+from cnf.metrics import bits_per_dim
+from cnf.models.base import EvalOutput, GenerativeModel
 
 F64 = torch.float64
 

@@ -16,11 +16,9 @@ import os
 os.environ.setdefault("OMP_NUM_THREADS", "1")
 
 import math
-from dataclasses import asdict
 
 import pytest
 import torch
-
 from conftest import build_family
 
 from cnf.config import ConfigError, load_config
@@ -138,9 +136,7 @@ def test_nelbo_and_nll_decompose(flow):
     z, logdet = out.z, out.logdet
     assert logdet.abs().max() > 1e-3  # the flow is not volume preserving
     torch.manual_seed(11)
-    nll_z, _ = probability_flow_nll(
-        model.latent.score, model.sde, z, solver=model.settings.solver
-    )
+    nll_z, _ = probability_flow_nll(model.latent.score, model.sde, z, solver=model.settings.solver)
     with torch.no_grad():
         nelbo_z = latent_nelbo(model.latent.score, model.sde, z, num_t=4, chunk=z.shape[0])
     torch.testing.assert_close(ev.nll, nll_z - logdet, rtol=0, atol=1e-10)

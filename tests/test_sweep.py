@@ -17,8 +17,6 @@ import pytest
 from conftest import PYTHON, REPO, assert_clean_failure, run_script, subprocess_env
 from omegaconf import OmegaConf
 
-from slurm.launch import array_spec, check_time_quoted, parse_slurm, render_sbatch
-
 from cnf.rundir import RunDir, RunFolderError
 from cnf.sweep import (
     Run,
@@ -31,6 +29,7 @@ from cnf.sweep import (
     run_name,
     run_status,
 )
+from slurm.launch import array_spec, check_time_quoted, parse_slurm, render_sbatch
 
 SWEEPS = sorted((REPO / "configs" / "sweeps").glob("*.yaml"))
 BASE = REPO / "configs" / "ffjord" / "toy.yaml"

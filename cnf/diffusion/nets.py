@@ -119,7 +119,11 @@ class IdentityEmbedding(nn.Module):
 
 TIME_EMBEDDINGS: Registry[Callable[..., nn.Module]] = Registry(
     "time embedding",
-    {"sinusoidal": SinusoidalEmbedding, "fourier": GaussianFourierEmbedding, "none": IdentityEmbedding},
+    {
+        "sinusoidal": SinusoidalEmbedding,
+        "fourier": GaussianFourierEmbedding,
+        "none": IdentityEmbedding,
+    },
 )
 
 

@@ -1,26 +1,40 @@
 """Model families behind one interface, and their registry.
 
-:data:`MODELS` maps ``model.family`` to a :class:`Family`: the builder that
-turns the family's typed config section (its schema lives in
-:mod:`cnf.schema`) and the run's ``eval:`` section into a
-:class:`~cnf.models.base.GenerativeModel`. Adding a family is one module
-here, one schema in :mod:`cnf.schema` and one registry line (ARCHITECTURE.md).
+:data:`MODELS` maps ``model.family`` to a :class:`~cnf.models.base.Family`:
+the builder that turns the family's typed config section (its schema lives
+in :mod:`cnf.schema`) and the run's ``eval:`` section into a
+:class:`~cnf.models.base.GenerativeModel`. Each family's module registers
+itself with :func:`~cnf.models.base.register_family`, and importing this
+package imports every module in it, so adding a family is one module here,
+one schema in :mod:`cnf.schema` and one config file (ARCHITECTURE.md).
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable
-from dataclasses import dataclass
+import importlib
+import pkgutil
 from typing import Any
 
-from cnf.models.base import EvalOutput, GenerativeModel, LossOutput, SampleOutput
-from cnf.models.diffflow import DiffFlow, DiffFlowSettings, build_diffflow
-from cnf.models.ffjord import FFJORD, ODESettings, build_ffjord
-from cnf.models.flow import FlowModel, FlowModelSettings, build_flow_model
-from cnf.models.fm import FlowMatchingModel, build_flow_matching
-from cnf.models.indm import INDM, INDMSettings, build_indm
-from cnf.models.score import ScoreModel, ScoreSettings, build_score, score_settings
-from cnf.registry import Registry
+from cnf.models.base import (
+    MODELS,
+    EvalOutput,
+    Family,
+    GenerativeModel,
+    LossOutput,
+    SampleOutput,
+    register_family,
+)
+
+# Every family module registers itself on import.
+for _module in pkgutil.iter_modules(__path__):
+    importlib.import_module(f"{__name__}.{_module.name}")
+
+from cnf.models.diffflow import DiffFlow, DiffFlowSettings  # noqa: E402
+from cnf.models.ffjord import FFJORD, ODESettings  # noqa: E402
+from cnf.models.flow import FlowModel, FlowModelSettings  # noqa: E402
+from cnf.models.fm import FlowMatchingModel  # noqa: E402
+from cnf.models.indm import INDM, INDMSettings  # noqa: E402
+from cnf.models.score import ScoreModel, ScoreSettings  # noqa: E402
 
 __all__ = [
     "FFJORD",
@@ -41,33 +55,8 @@ __all__ = [
     "ScoreModel",
     "ScoreSettings",
     "build_model",
+    "register_family",
 ]
-
-
-def ode_settings(eval_cfg: Any) -> ODESettings:
-    """The default solver and trace estimator of a CNF family, from the ``eval:`` section."""
-    return ODESettings(solver=eval_cfg.solver.build(), divergence=eval_cfg.divergence.build())
-
-
-@dataclass(frozen=True)
-class Family:
-    """How a family is built: ``build(model_section, event_shape, eval_section) -> model``."""
-
-    build: Callable[[Any, tuple[int, ...], Any], GenerativeModel]
-    vector_only: bool = False  # the family models flat vectors (data.flatten must stay true)
-
-
-MODELS: Registry[Family] = Registry(
-    "model family",
-    {
-        "ffjord": Family(lambda m, shape, ev: build_ffjord(m, shape, ode_settings(ev)), True),
-        "fm": Family(lambda m, shape, ev: build_flow_matching(m, shape, ode_settings(ev))),
-        "score": Family(lambda m, shape, ev: build_score(m, shape, score_settings(m, ev))),
-        "diffflow": Family(lambda m, shape, ev: build_diffflow(m, shape)),
-        "flow": Family(lambda m, shape, ev: build_flow_model(m, shape)),
-        "indm": Family(build_indm),
-    },
-)
 
 
 def build_model(cfg: Any, event_shape: tuple[int, ...]) -> GenerativeModel:

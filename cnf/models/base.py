@@ -25,9 +25,18 @@ from typing import Any, ClassVar, NamedTuple
 import torch
 from torch import Tensor, nn
 
+from cnf.registry import Registry
 from cnf.settings import update
 
-__all__ = ["EvalOutput", "GenerativeModel", "LossOutput", "SampleOutput"]
+__all__ = [
+    "MODELS",
+    "EvalOutput",
+    "Family",
+    "GenerativeModel",
+    "LossOutput",
+    "SampleOutput",
+    "register_family",
+]
 
 
 @dataclass
@@ -132,3 +141,36 @@ class GenerativeModel(nn.Module):
     @property
     def dtype(self) -> torch.dtype:
         return next(self.parameters()).dtype
+
+
+# ---------------------------------------------------------------- the registry
+@dataclass(frozen=True)
+class Family:
+    """A registered family: its builder, its config schema and its data constraint.
+
+    ``build(model_section, event_shape, eval_section)`` receives the typed
+    ``model:`` section (an instance of ``schema``) and the run's ``eval:``
+    section and returns a :class:`GenerativeModel`.
+    """
+
+    build: Callable[[Any, tuple[int, ...], Any], GenerativeModel]
+    schema: type
+    vector_only: bool = False  # the family models flat vectors (data.flatten must stay true)
+
+
+#: ``model.family`` -> :class:`Family`. Each family's module registers itself
+#: with :func:`register_family`; :mod:`cnf.models` imports every module of the
+#: package, so a new family is one new module (plus its schema and a config).
+MODELS: Registry[Family] = Registry("model family")
+
+
+def register_family(
+    name: str, schema: type, *, vector_only: bool = False
+) -> Callable[[Callable[..., GenerativeModel]], Callable[..., GenerativeModel]]:
+    """Decorator: register ``build(model_section, event_shape, eval_section)`` as family ``name``."""
+
+    def decorator(build: Callable[..., GenerativeModel]) -> Callable[..., GenerativeModel]:
+        MODELS.register(name, Family(build, schema, vector_only))
+        return build
+
+    return decorator

@@ -40,7 +40,13 @@ from cnf.diffflow.chain import DIFFFLOW_SAMPLERS, path_nelbo, run_backward
 from cnf.diffflow.schedules import BASE_DRIFTS, DiffusionSchedule, TimeGrid, build_diffusion
 from cnf.diffusion.nets import SCORE_NETS
 from cnf.flows.preprocess import Preprocess
-from cnf.models.base import EvalOutput, GenerativeModel, LossOutput, SampleOutput
+from cnf.models.base import (
+    EvalOutput,
+    GenerativeModel,
+    LossOutput,
+    SampleOutput,
+    register_family,
+)
 from cnf.models.score import image_shape_of
 from cnf.nets import TimeMLP
 from cnf.registry import Registry
@@ -95,7 +101,9 @@ def _image_net(name: str) -> Callable[..., nn.Module]:
 
     @functools.wraps(builder)
     def build(event_shape: tuple[int, ...], **options: Any) -> nn.Module:
-        return builder(image_shape_of(tuple(event_shape), key="model.drift_net/score_net"), **options)
+        return builder(
+            image_shape_of(tuple(event_shape), key="model.drift_net/score_net"), **options
+        )
 
     return build
 
@@ -314,3 +322,8 @@ def build_diffflow(cfg: DiffFlowSchema, event_shape: tuple[int, ...]) -> DiffFlo
         drift_lr=cfg.drift_lr,
         score_lr=cfg.score_lr,
     )
+
+
+@register_family("diffflow", DiffFlowSchema)
+def _build(cfg: DiffFlowSchema, event_shape: tuple[int, ...], eval_cfg: Any) -> GenerativeModel:
+    return build_diffflow(cfg, event_shape)

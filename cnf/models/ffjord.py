@@ -30,7 +30,13 @@ from cnf.flows.base import (
 from cnf.flows.cnf import CNF
 from cnf.flows.normalization import MovingBatchNorm
 from cnf.flows.preprocess import Preprocess
-from cnf.models.base import EvalOutput, GenerativeModel, LossOutput, SampleOutput
+from cnf.models.base import (
+    EvalOutput,
+    GenerativeModel,
+    LossOutput,
+    SampleOutput,
+    register_family,
+)
 from cnf.nets import TimeMLP
 from cnf.schema import FFJORDSchema
 from cnf.solve import SolverConfig
@@ -48,8 +54,15 @@ class ODESettings:
     solver: SolverConfig = field(default_factory=SolverConfig)
     divergence: DivergenceConfig = field(default_factory=lambda: DivergenceConfig("exact"))
 
+    @classmethod
+    def from_eval(cls, eval_cfg: Any) -> ODESettings:
+        """The defaults of a run: the ``eval:`` section's solver and trace estimator."""
+        return cls(solver=eval_cfg.solver.build(), divergence=eval_cfg.divergence.build())
+
     def flow_settings(self, dim: int, *, generator: torch.Generator | None = None) -> FlowSettings:
-        return FlowSettings(solver=self.solver, divergence=self.divergence.build(dim, generator=generator))
+        return FlowSettings(
+            solver=self.solver, divergence=self.divergence.build(dim, generator=generator)
+        )
 
 
 class FFJORD(GenerativeModel):
@@ -151,9 +164,7 @@ class FFJORD(GenerativeModel):
         return grid
 
 
-def build_ffjord(
-    cfg: FFJORDSchema, event_shape: tuple[int, ...], settings: ODESettings
-) -> FFJORD:
+def build_ffjord(cfg: FFJORDSchema, event_shape: tuple[int, ...], settings: ODESettings) -> FFJORD:
     """Build an FFJORD model for vectors of shape ``(D,)`` from its typed config section."""
     if len(event_shape) != 1:
         raise ValueError(f"ffjord models vectors; got event shape {event_shape}")
@@ -192,3 +203,8 @@ def build_ffjord(
         kinetic_weight=cfg.kinetic,
         jacobian_weight=cfg.jacobian,
     )
+
+
+@register_family("ffjord", FFJORDSchema, vector_only=True)
+def _build(cfg: FFJORDSchema, event_shape: tuple[int, ...], eval_cfg: Any) -> FFJORD:
+    return build_ffjord(cfg, event_shape, ODESettings.from_eval(eval_cfg))

@@ -52,7 +52,13 @@ from cnf.flows.logdet import ExactLogDet, LogDetEstimator, SeriesLogDet
 from cnf.flows.preprocess import Preprocess
 from cnf.flows.registry import FLOWS_OR_IDENTITY
 from cnf.flows.residual import ResidualBlock
-from cnf.models.base import EvalOutput, GenerativeModel, LossOutput, SampleOutput
+from cnf.models.base import (
+    EvalOutput,
+    GenerativeModel,
+    LossOutput,
+    SampleOutput,
+    register_family,
+)
 from cnf.schema import EvalLogDetSchema, FlowSchema, builder_options
 
 __all__ = ["FlowModel", "FlowModelSettings", "LogDetChoice", "build_flow_model", "build_named_flow"]
@@ -222,3 +228,8 @@ def build_flow_model(cfg: FlowSchema, event_shape: tuple[int, ...]) -> FlowModel
         preprocess=cfg.preprocess.build(),
         settings=FlowModelSettings(cfg.temperature, LogDetChoice.from_schema(cfg.eval_logdet)),
     )
+
+
+@register_family("flow", FlowSchema)
+def _build(cfg: FlowSchema, event_shape: tuple[int, ...], eval_cfg: Any) -> GenerativeModel:
+    return build_flow_model(cfg, event_shape)

@@ -45,7 +45,13 @@ from cnf.diffusion.flow_matching import (
 from cnf.flows.base import DiagonalNormal, Flow, FlowSettings, Reshape, flow_log_prob, flow_sample
 from cnf.flows.cnf import CNF
 from cnf.flows.preprocess import Preprocess
-from cnf.models.base import EvalOutput, GenerativeModel, LossOutput, SampleOutput
+from cnf.models.base import (
+    EvalOutput,
+    GenerativeModel,
+    LossOutput,
+    SampleOutput,
+    register_family,
+)
 from cnf.models.ffjord import ODESettings
 from cnf.nets import TimeMLP
 from cnf.schema import FlowMatchingSchema
@@ -248,3 +254,8 @@ def build_flow_matching(
         x0, x1, _ = load_pairs(cfg.reflow_pairs)
         model.set_reflow_pairs(x0.reshape(x0.shape[0], -1), x1.reshape(x1.shape[0], -1))
     return model
+
+
+@register_family("fm", FlowMatchingSchema)
+def _build(cfg: FlowMatchingSchema, event_shape: tuple[int, ...], eval_cfg: Any) -> GenerativeModel:
+    return build_flow_matching(cfg, event_shape, ODESettings.from_eval(eval_cfg))

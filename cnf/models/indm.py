@@ -58,7 +58,13 @@ from cnf.diffusion.score import decoder_constant, dsm_loss, prior_kl
 from cnf.diffusion.sde import LinearSDE
 from cnf.flows.base import DEFAULT_SETTINGS, Flow, FlowSettings
 from cnf.flows.preprocess import Preprocess
-from cnf.models.base import EvalOutput, GenerativeModel, LossOutput, SampleOutput
+from cnf.models.base import (
+    EvalOutput,
+    GenerativeModel,
+    LossOutput,
+    SampleOutput,
+    register_family,
+)
 from cnf.models.flow import LogDetChoice, build_named_flow
 from cnf.models.score import ScoreModel, ScoreSettings, build_score, score_settings
 from cnf.schema import INDMSchema
@@ -121,7 +127,9 @@ class INDM(GenerativeModel):
                 f"got '{latent.weighting}'"
             )
         if not latent.preprocess.is_identity:
-            raise ValueError("the latent score model must not preprocess (INDM does, before the flow)")
+            raise ValueError(
+                "the latent score model must not preprocess (INDM does, before the flow)"
+            )
         self.flow = flow
         self.latent = latent
         self.event_shape = tuple(event_shape)
@@ -133,7 +141,9 @@ class INDM(GenerativeModel):
     def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs):  # noqa: ANN001
         # Before the restructure the latent score model was called ``diffusion``.
         for k in [k for k in state_dict if k.startswith(prefix + "diffusion.")]:
-            state_dict[prefix + "latent." + k[len(prefix) + len("diffusion.") :]] = state_dict.pop(k)
+            state_dict[prefix + "latent." + k[len(prefix) + len("diffusion.") :]] = state_dict.pop(
+                k
+            )
         super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
 
     @property
@@ -153,9 +163,7 @@ class INDM(GenerativeModel):
         return groups
 
     # ------------------------------------------------------------- spaces
-    def encode(
-        self, x: Tensor, settings: FlowSettings = DEFAULT_SETTINGS
-    ) -> tuple[Tensor, Tensor]:
+    def encode(self, x: Tensor, settings: FlowSettings = DEFAULT_SETTINGS) -> tuple[Tensor, Tensor]:
         """``z = h_φ(preprocess(x))`` and the log-det of both maps per sample."""
         y, logdet_pre = self.preprocess(x)
         out = self.flow.transform(y, settings)
@@ -225,6 +233,7 @@ class INDM(GenerativeModel):
 
 
 # ------------------------------------------------------------------ config
+@register_family("indm", INDMSchema)
 def build_indm(cfg: INDMSchema, event_shape: tuple[int, ...], eval_cfg: Any) -> INDM:
     """Build INDM from its typed ``model:`` section and the run's ``eval:`` section."""
     base = score_settings(cfg, eval_cfg)

@@ -40,14 +40,22 @@ from cnf.diffusion.score import decoder_constant, dsm_loss, nelbo, prior_kl
 from cnf.diffusion.sde import SDES, LinearSDE
 from cnf.divergence import DivergenceConfig
 from cnf.flows.preprocess import Preprocess
-from cnf.models.base import EvalOutput, GenerativeModel, LossOutput, SampleOutput
+from cnf.models.base import (
+    EvalOutput,
+    GenerativeModel,
+    LossOutput,
+    SampleOutput,
+    register_family,
+)
 from cnf.schema import ScoreSchema, builder_options
 from cnf.solve import SolverConfig
 
 __all__ = ["ScoreModel", "ScoreSettings", "build_score", "build_score_network"]
 
 # Keys that mean "the probability-flow ODE": given without a sampler, they select it.
-_ODE_KEYS = frozenset({"method", "name", "solver.name", "rtol", "atol", "tol", "adjoint", "max_steps", "seminorm"})
+_ODE_KEYS = frozenset(
+    {"method", "name", "solver.name", "rtol", "atol", "tol", "adjoint", "max_steps", "seminorm"}
+)
 
 
 @dataclass(frozen=True)
@@ -223,7 +231,9 @@ class ScoreModel(GenerativeModel):
         if temperature != 1.0:
             x_T = temperature * x_T
         sampler = SCORE_SAMPLERS[settings.sampler]
-        y, info = sampler(self.score, self.sde, x_T, settings.sampler_options(), generator=generator)
+        y, info = sampler(
+            self.score, self.sde, x_T, settings.sampler_options(), generator=generator
+        )
         return y, {"nfe": float(info["nfe"])}
 
     def sample(
@@ -325,3 +335,8 @@ def build_score(
         preprocess=cfg.preprocess.build() if preprocess is None else preprocess,
         nelbo_importance=cfg.nelbo_importance,
     )
+
+
+@register_family("score", ScoreSchema)
+def _build(cfg: ScoreSchema, event_shape: tuple[int, ...], eval_cfg: Any) -> GenerativeModel:
+    return build_score(cfg, event_shape, score_settings(cfg, eval_cfg))
