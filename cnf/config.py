@@ -62,15 +62,25 @@ class ConfigMigrationWarning(FutureWarning):
 
 
 # ------------------------------------------------------------------- reading
-def _read_yaml(path: Path, seen: tuple[Path, ...] = ()) -> DictConfig:
+def read_yaml(path: str | Path, *, what: str, error: type[Exception] = ConfigError) -> Any:
+    """The YAML file at ``path`` (DictConfig or ListConfig), or a one-line ``error``.
+
+    ``what`` names the file in the message: ``"<what> not found: <path>"`` or
+    ``"<what> <path> is not valid YAML: <reason>"``.
+    """
+    path = Path(path)
     if not path.is_file():
-        raise ConfigError(f"config file not found: {path}")
+        raise error(f"{what} not found: {path}")
+    try:
+        return OmegaConf.load(path)
+    except Exception as e:
+        raise error(f"{what} {path} is not valid YAML: {_first_line(e)}") from None
+
+
+def _read_yaml(path: Path, seen: tuple[Path, ...] = ()) -> DictConfig:
     if path.resolve() in seen:
         raise ConfigError(f"config {path}: _base_ chain loops back to itself")
-    try:
-        cfg = OmegaConf.load(path)
-    except Exception as e:
-        raise ConfigError(f"config file {path} is not valid YAML: {_first_line(e)}") from None
+    cfg = read_yaml(path, what="config file")
     if not isinstance(cfg, DictConfig):
         raise ConfigError(f"config file {path} must hold a mapping at the top level")
     base = cfg.pop("_base_", None)

@@ -224,15 +224,13 @@ def load_cost_grid(text: str) -> list[dict[str, Any]]:
     """
     path = Path(text)
     if path.suffix in (".yaml", ".yml") or path.is_file():
-        if not path.is_file():
-            raise CostGridError(f"grid file not found: {path}")
         from omegaconf import OmegaConf
 
-        try:
-            raw = OmegaConf.to_container(OmegaConf.load(path), resolve=True)
-        except Exception as e:
-            msg = str(e).splitlines()[0] if str(e) else type(e).__name__
-            raise CostGridError(f"grid file {path} is not valid YAML: {msg}") from None
+        from cnf.config import read_yaml
+
+        raw = OmegaConf.to_container(
+            read_yaml(path, what="grid file", error=CostGridError), resolve=True
+        )
         return normalize_cost_grid(raw, source=f"grid file {path}")
     return parse_cost_grid(text)
 

@@ -68,9 +68,11 @@ def sample_probe(
 class DivergenceEstimator:
     """Interface: ``div, frob = est(f, z, probe, create_graph=..., frobenius=...)``.
 
+    Subclasses implement ``__call__(f, z, probe, *, create_graph, frobenius=False)``:
     ``f`` is the field evaluated at ``z`` (``z`` must be part of the graph of
-    ``f``); both have shape ``(B, *event)``. Returns ``div`` of shape ``(B,)``
+    ``f``); both have shape ``(B, *event)``. It returns ``div`` of shape ``(B,)``
     and, if ``frobenius``, the per-sample squared Frobenius norm (else None).
+    :meth:`evaluate` evaluates the field and calls it.
     """
 
     name: str = "base"
@@ -98,6 +100,9 @@ class DivergenceEstimator:
             ``(f, div, frob)`` with shapes ``(B, *event)``, ``(B,)`` and
             ``(B,)`` or None.
         """
+        fast = self._forward_mode(field, t, z, frobenius=frobenius)
+        if fast is not None:
+            return fast
         create_graph = torch.is_grad_enabled()
         with torch.enable_grad():
             # Without grad mode (the adjoint's forward solve) z may be a view made
@@ -112,16 +117,11 @@ class DivergenceEstimator:
             f = f.detach()
         return f, div, frob
 
-    def __call__(
-        self,
-        f: Tensor,
-        z: Tensor,
-        probe: Tensor | None,
-        *,
-        create_graph: bool,
-        frobenius: bool = False,
-    ) -> tuple[Tensor, Tensor | None]:  # pragma: no cover - interface
-        raise NotImplementedError
+    def _forward_mode(
+        self, field: Field, t: Tensor, z: Tensor, *, frobenius: bool
+    ) -> tuple[Tensor, Tensor, Tensor | None] | None:
+        """``(f, div, frob)`` without autograd when the estimator and field allow it, else None."""
+        return None
 
 
 class ExactDivergence(DivergenceEstimator):
@@ -138,15 +138,9 @@ class ExactDivergence(DivergenceEstimator):
 
     name = "exact"
 
-    def evaluate(
-        self,
-        field: Field,
-        t: Tensor,
-        z: Tensor,
-        probe: Tensor | None,
-        *,
-        frobenius: bool = False,
-    ) -> tuple[Tensor, Tensor, Tensor | None]:
+    def _forward_mode(
+        self, field: Field, t: Tensor, z: Tensor, *, frobenius: bool
+    ) -> tuple[Tensor, Tensor, Tensor | None] | None:
         # Fields that can propagate their Jacobian forward give the exact trace
         # without any autograd.grad call: cheaper in low dimension, and the
         # training backward pass is a plain (not double) backward. One
@@ -164,7 +158,7 @@ class ExactDivergence(DivergenceEstimator):
                 div = torch.einsum("ibi->b", jac)
                 frob = jac.pow(2).sum(dim=(0, 2)) if frobenius else None
                 return f, div, frob
-        return super().evaluate(field, t, z, probe, frobenius=frobenius)
+        return None
 
     def __call__(
         self,

@@ -110,8 +110,7 @@ class ConcatSquashLinear(TimeLayer):
 
     def zero_(self) -> None:
         # The gate stays: σ(gate) multiplies a zero map, and a live gate lets training start.
-        nn.init.zeros_(self.linear.weight)
-        nn.init.zeros_(self.linear.bias)
+        super().zero_()
         nn.init.zeros_(self.shift.weight)
 
 

@@ -60,6 +60,13 @@ def _non_negative(**values: float) -> None:
             raise ValueError(f"{key}: must be >= 0, got {value}")
 
 
+def _non_empty(**values: tuple[Any, str]) -> None:
+    """``key=(value, what it must be)``: raise when a required value is empty."""
+    for key, (value, what) in values.items():
+        if not value:
+            raise ValueError(f"{key}: {what}")
+
+
 def _widths(key: str, widths: Sequence[int]) -> None:
     if not widths or any(h < 1 for h in widths):
         raise ValueError(f"{key}: needs one or more positive widths, got {list(widths)}")
@@ -434,8 +441,6 @@ class FlowSchema:
         _positive(temperature=self.temperature)
 
 
-
-
 # -------------------------------------------------------------------- run config
 @dataclass
 class DataSchema:
@@ -563,12 +568,11 @@ class SweepSchema:
             raise ValueError(
                 f"name: {self.name!r} must be letters, digits, '.', '_' or '-' (it names a folder)"
             )
-        if not self.base:
-            raise ValueError("base: the path of a training config is required")
-        if not self.axes:
-            raise ValueError("axes: must be a non-empty mapping of dotted keys to lists")
-        if not self.runs_root:
-            raise ValueError("runs_root: must be a folder path")
+        _non_empty(
+            base=(self.base, "the path of a training config is required"),
+            axes=(self.axes, "must be a non-empty mapping of dotted keys to lists"),
+            runs_root=(self.runs_root, "must be a folder path"),
+        )
 
 
 # ---------------------------------------------------------------- table specs
@@ -637,9 +641,8 @@ class TableSpecSchema:
     notes: list[str] = field(default_factory=list)
 
     def __post_init__(self) -> None:
-        if not self.columns:
-            raise ValueError("columns: must be a non-empty list (data sets)")
-        if not self.rows:
-            raise ValueError("rows: must be a non-empty list (methods)")
-        if not self.metrics:
-            raise ValueError("metrics: must be a non-empty list")
+        _non_empty(
+            columns=(self.columns, "must be a non-empty list (data sets)"),
+            rows=(self.rows, "must be a non-empty list (methods)"),
+            metrics=(self.metrics, "must be a non-empty list"),
+        )

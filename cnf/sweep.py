@@ -131,17 +131,12 @@ def load_sweep(
     from omegaconf import OmegaConf
     from omegaconf.errors import OmegaConfBaseException
 
-    from cnf.config import ConfigError, _format_omegaconf_error
+    from cnf.config import ConfigError, _format_omegaconf_error, read_yaml
     from cnf.schema import SweepSchema
 
     path = Path(path)
     where = str(path)
-    try:
-        raw = OmegaConf.load(path)
-    except OSError as e:
-        raise SweepError(f"cannot read sweep file {path}: {e.strerror}") from None
-    except Exception as e:
-        raise SweepError(f"sweep file {path} is not valid YAML: {str(e).splitlines()[0]}") from None
+    raw = read_yaml(path, what="sweep file", error=SweepError)
     if not isinstance(raw, Mapping):
         raise SweepError(f"{where}: a sweep file holds a mapping (name, base, axes, ...)")
     root_schema = OmegaConf.structured(SweepSchema)

@@ -60,7 +60,7 @@ from typing import Any
 import numpy as np
 from omegaconf import OmegaConf
 
-from cnf.config import ConfigError
+from cnf.config import ConfigError, read_yaml
 
 __all__ = [
     "STATUS_FOOTNOTES",
@@ -324,13 +324,9 @@ def load_table_spec(path: str | Path) -> TableSpec:
         TableSpecError: missing file, invalid YAML or a malformed spec (one line).
     """
     path = Path(path)
-    if not path.is_file():
-        raise TableSpecError(f"table spec not found: {path}")
-    try:
-        raw = OmegaConf.to_container(OmegaConf.load(path), resolve=True)
-    except Exception as e:
-        msg = str(e).splitlines()[0] if str(e) else type(e).__name__
-        raise TableSpecError(f"table spec {path} is not valid YAML: {msg}") from None
+    raw = OmegaConf.to_container(
+        read_yaml(path, what="table spec", error=TableSpecError), resolve=True
+    )
     try:
         return parse_table_spec(raw, default_name=path.stem)
     except TableSpecError as e:

@@ -498,7 +498,7 @@ def test_samplers_reproduce_gaussian_moments(name):
     sde = make_sde(name, **({"sigma_max": 50.0} if name == "ve" else {}))
     data = GaussianData(MU, COV, sde)
     n = 8000
-    x_T = sde.prior_sample((n, 2), generator=gen(17), dtype=DT)
+    x_T = sde.prior.sample((n, 2), generator=gen(17), dtype=DT)
     # MC error of the mean ≲ 0.011, of the covariance ≲ 0.016; plus discretisation bias.
     xs, st = euler_maruyama(data.score, sde, x_T, SamplerOptions(steps=200), generator=gen(18))
     assert st["nfe"] == 200
@@ -565,7 +565,7 @@ def test_predictor_corrector_passes_alpha_to_every_corrector_step(name, monkeypa
         return real(score_fn, x, t, snr=snr, alpha=alpha, generator=generator)
 
     monkeypatch.setattr(samplers, "langevin_step", spy)
-    x_T = sde.prior_sample((64, 2), generator=gen(4), dtype=DT)
+    x_T = sde.prior.sample((64, 2), generator=gen(4), dtype=DT)
     samplers.predictor_corrector(
         lambda t, x: -x, sde, x_T, SamplerOptions(steps=5, corrector_steps=2)
     )
@@ -581,7 +581,7 @@ def test_predictor_corrector_passes_alpha_to_every_corrector_step(name, monkeypa
 def test_sdeint_sampler_and_registry():
     sde = make_sde("vp")
     data = GaussianData(MU, COV, sde)
-    x_T = sde.prior_sample((6000, 2), generator=gen(20), dtype=DT)
+    x_T = sde.prior.sample((6000, 2), generator=gen(20), dtype=DT)
     xs, st = sdeint_sample(data.score, sde, x_T, SamplerOptions(steps=150), generator=gen(21))
     assert st["nfe"] >= 150
     _check_moments(xs, data.mu, data.cov, tol_mean=0.05, tol_cov=0.08)
@@ -690,7 +690,7 @@ def test_vp_toy_config_trains_end_to_end(tmp_path):
             "eval.batch_size=64",
             "model.nelbo_samples=4",
             "eval.plots=false",
-            "eval.solver.method=rk4",
+            "eval.solver.name=rk4",
             "eval.solver.steps=8",
             "track.wandb=disabled",
             f"run.dir={tmp_path / 'run'}",
@@ -719,7 +719,7 @@ def test_digits_config_smoke(tmp_path):
             "eval.num_samples=4",
             "eval.batch_size=16",
             "eval.plots=false",
-            "eval.solver.method=euler",
+            "eval.solver.name=euler",
             "eval.solver.steps=2",
             "model.nelbo_samples=1",
             "track.wandb=disabled",

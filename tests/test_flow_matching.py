@@ -374,7 +374,7 @@ def test_config_smoke_run(config: str, run_dir) -> None:
         *TINY,
         "train.iters=2",
         "train.batch_size=32",
-        "eval.solver.method=euler",
+        "eval.solver.name=euler",
         "eval.solver.steps=2",
         f"run.dir={run_dir}",
         config=config,
@@ -399,7 +399,7 @@ def test_two_stage_reflow_end_to_end(tmp_path) -> None:
         *TINY,
         "train.iters=2",
         "train.batch_size=32",
-        "eval.solver.method=euler",
+        "eval.solver.name=euler",
         "eval.solver.steps=2",
     )
     rc, _, err = run_train(*common, f"run.dir={stage1}", config="configs/fm/rectified_toy.yaml")

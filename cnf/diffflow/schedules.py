@@ -170,14 +170,10 @@ class LinearDiffusion(DiffusionSchedule):
         return self.start + (self.end - self.start) * u
 
 
-class GeometricDiffusion(DiffusionSchedule):
+class GeometricDiffusion(LinearDiffusion):
     """``g(u) = start·(end/start)^u`` (VE-like: log g linear in time)."""
 
     name = "geometric"
-
-    def __init__(self, grid: TimeGrid, *, start: float = 1.0, end: float = 1.0):
-        super().__init__(grid)
-        self.start, self.end = start, end
 
     def of_u(self, u: Tensor) -> Tensor:
         return self.start * torch.exp(u * math.log(self.end / self.start))

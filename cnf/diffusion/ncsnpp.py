@@ -549,6 +549,28 @@ class NCSNpp(nn.Module):
 
 
 # ------------------------------------------------------------------- presets
+#: What score_sde's CIFAR-10 continuous configs share (DDPM++ and NCSN++ alike).
+_CIFAR10_CONT: dict[str, Any] = dict(
+    nf=128,
+    ch_mult=(1, 2, 2, 2),
+    attn_resolutions=(16,),
+    dropout=0.1,
+    resblock_type="biggan",
+    skip_rescale=True,
+    progressive="none",
+    init_scale=0.0,
+)
+
+
+def _cifar10_preset(
+    image_shape: Sequence[int], deep: bool, defaults_only: bool, options: dict, **preset: Any
+) -> NCSNpp:
+    full = {**_CIFAR10_CONT, "num_res_blocks": 8 if deep else 4, **preset}
+    if defaults_only:
+        return full  # type: ignore[return-value]
+    return NCSNpp(image_shape, **{**full, **options})
+
+
 def ddpmpp(
     image_shape: Sequence[int], *, deep: bool = False, _defaults_only: bool = False, **options: Any
 ) -> NCSNpp:
@@ -569,25 +591,17 @@ def ddpmpp(
         deep: 8 residual blocks per resolution instead of 4.
         options: Any :class:`NCSNpp` argument, overriding the preset.
     """
-    preset: dict[str, Any] = dict(
-        nf=128,
-        ch_mult=(1, 2, 2, 2),
-        num_res_blocks=8 if deep else 4,
-        attn_resolutions=(16,),
-        dropout=0.1,
-        resblock_type="biggan",
+    return _cifar10_preset(
+        image_shape,
+        deep,
+        _defaults_only,
+        options,
         fir_kernel=None,
-        skip_rescale=True,
-        progressive="none",
         progressive_input="none",
         embedding="positional",
         time_scale=999.0,
-        init_scale=0.0,
         centered=True,
     )
-    if _defaults_only:
-        return preset  # type: ignore[return-value]
-    return NCSNpp(image_shape, **{**preset, **options})
 
 
 def ncsnpp(
@@ -609,31 +623,20 @@ def ncsnpp(
     output convolution); or ``scale_by_sigma=True`` with ``"score"`` and
     ``conditioning="log_sigma"`` for the original's exact form.
 
-    Args:
-        image_shape: ``(C, H, W)``.
-        deep: 8 residual blocks per resolution instead of 4.
-        options: Any :class:`NCSNpp` argument, overriding the preset.
+    Args: as :func:`ddpmpp`.
     """
-    preset: dict[str, Any] = dict(
-        nf=128,
-        ch_mult=(1, 2, 2, 2),
-        num_res_blocks=8 if deep else 4,
-        attn_resolutions=(16,),
-        dropout=0.1,
-        resblock_type="biggan",
+    return _cifar10_preset(
+        image_shape,
+        deep,
+        _defaults_only,
+        options,
         fir_kernel=(1, 3, 3, 1),
-        skip_rescale=True,
-        progressive="none",
         progressive_input="residual",
         embedding="fourier",
         fourier_scale=16.0,
         time_scale=1.0,
-        init_scale=0.0,
         centered=False,
     )
-    if _defaults_only:
-        return preset  # type: ignore[return-value]
-    return NCSNpp(image_shape, **{**preset, **options})
 
 
 def ddpm_unet(

@@ -186,6 +186,23 @@ def _check_parameterization(name: str) -> None:
     PARAMETERIZATIONS.check(name)
 
 
+def _output_coefficients(
+    x: Tensor, t: Tensor, sde: LinearSDE, parameterization: str
+) -> tuple[Tensor | float, Tensor | float]:
+    """``(a, b)`` with ``output = a·s + b·x`` for the network kind.
+
+    score: ``(1, 0)``; noise ``ε̂ = −σ s``: ``(−σ, 0)``; data ``x̂₀ = (x + σ² s)/m``:
+    ``(σ²/m, 1/m)`` (Tweedie), with ``m, σ`` the kernel's mean factor and std at ``t``.
+    """
+    _check_parameterization(parameterization)
+    if parameterization == "score":
+        return 1.0, 0.0
+    m, s = (expand_as(v, x) for v in sde.marginal(t))
+    if parameterization == "noise":
+        return -s, 0.0
+    return s.pow(2) / m, 1.0 / m
+
+
 def output_to_score(
     output: Tensor, x: Tensor, t: Tensor, sde: LinearSDE, parameterization: str
 ) -> Tensor:
@@ -196,28 +213,16 @@ def output_to_score(
         x: The noisy input ``x_t`` ``(B, *event)``.
         t: Times, shape ``()`` or ``(B,)``.
     """
-    _check_parameterization(parameterization)
-    if parameterization == "score":
-        return output
-    m, s = sde.marginal(t)
-    m, s = expand_as(m, x), expand_as(s, x)
-    if parameterization == "noise":
-        return -output / s
-    return (m * output - x) / s.pow(2)
+    a, b = _output_coefficients(x, t, sde, parameterization)
+    return output if parameterization == "score" else (output - b * x) / a
 
 
 def score_to_output(
     score: Tensor, x: Tensor, t: Tensor, sde: LinearSDE, parameterization: str
 ) -> Tensor:
     """Inverse of :func:`output_to_score`: the target a network of each kind should output."""
-    _check_parameterization(parameterization)
-    if parameterization == "score":
-        return score
-    m, s = sde.marginal(t)
-    m, s = expand_as(m, x), expand_as(s, x)
-    if parameterization == "noise":
-        return -s * score
-    return (x + s.pow(2) * score) / m
+    a, b = _output_coefficients(x, t, sde, parameterization)
+    return score if parameterization == "score" else a * score + b * x
 
 
 CONDITIONINGS: Registry[str] = Registry(

@@ -47,6 +47,7 @@ References:
 
 from __future__ import annotations
 
+import inspect
 import math
 from abc import ABC, abstractmethod
 from typing import Any
@@ -140,17 +141,6 @@ class LinearSDE(ABC):
         """The prior ``π = N(0, prior_std² I)`` at t = 1: the base density of the ODE model."""
         return DiagonalNormal(self.prior_std)
 
-    def prior_sample(
-        self,
-        shape: tuple[int, ...],
-        *,
-        generator: torch.Generator | None = None,
-        dtype: torch.dtype | None = None,
-        device: torch.device | None = None,
-    ) -> Tensor:
-        """Draw ``x_1 ~ π`` of the given shape ``(B, *event)``."""
-        return self.prior.sample(shape, generator=generator, dtype=dtype, device=device)
-
     def prior_log_prob(self, z: Tensor) -> Tensor:
         """``log π(z)`` per sample, shape ``(B,)``."""
         return self.prior.log_prob(z)
@@ -204,7 +194,9 @@ class LinearSDE(ABC):
         return t.clamp(eps, self.T).to(dtype or torch.get_default_dtype())
 
     def describe(self) -> dict[str, Any]:
-        return {"sde": self.name, "eps": self.eps}
+        """``{"sde": name, <every constructor argument>: value}``, as in the config section."""
+        params = inspect.signature(type(self).__init__).parameters
+        return {"sde": self.name, **{k: getattr(self, k) for k in params if k != "self"}}
 
     def __repr__(self) -> str:
         args = ", ".join(f"{k}={v}" for k, v in self.describe().items() if k != "sde")
@@ -239,14 +231,6 @@ class _BetaSchedule(LinearSDE):
     @property
     def prior_std(self) -> float:
         return 1.0
-
-    def describe(self) -> dict[str, Any]:
-        return {
-            "sde": self.name,
-            "beta_min": self.beta_min,
-            "beta_max": self.beta_max,
-            "eps": self.eps,
-        }
 
 
 class VPSDE(_BetaSchedule):
@@ -341,14 +325,6 @@ class VESDE(LinearSDE):
 
     def _phi_inverse(self, phi: Tensor) -> Tensor:
         return torch.logaddexp(phi, torch.zeros_like(phi)) / (2 * self._log_ratio)
-
-    def describe(self) -> dict[str, Any]:
-        return {
-            "sde": self.name,
-            "sigma_min": self.sigma_min,
-            "sigma_max": self.sigma_max,
-            "eps": self.eps,
-        }
 
 
 SDES: Registry[type[LinearSDE]] = Registry("SDE", {"vp": VPSDE, "subvp": SubVPSDE, "ve": VESDE})

@@ -97,16 +97,26 @@ class Flow(nn.Module):
     """An invertible map ``x -> z`` with a tractable log-determinant.
 
     Leaf flows implement :meth:`forward` and :meth:`inverse`; flows with
-    per-call choices or statistics override :meth:`transform` and
-    :meth:`inverse_transform` as well. Shapes: ``x`` is ``(B, *event_shape)``;
+    per-call choices or statistics implement :meth:`transform` and
+    :meth:`inverse_transform` instead (``forward``/``inverse`` then call them
+    with the default settings). Shapes: ``x`` is ``(B, *event_shape)``;
     ``logdet`` is ``(B,)`` and equals ``log|det dz/dx|`` per sample.
     """
 
-    def forward(self, x: Tensor) -> tuple[Tensor, Tensor]:  # pragma: no cover - interface
-        raise NotImplementedError
+    def forward(self, x: Tensor) -> tuple[Tensor, Tensor]:
+        if type(self).transform is Flow.transform:  # pragma: no cover - interface
+            raise NotImplementedError(
+                f"{type(self).__name__} implements neither forward nor transform"
+            )
+        out = self.transform(x)
+        return out.z, out.logdet
 
-    def inverse(self, z: Tensor) -> Tensor:  # pragma: no cover - interface
-        raise NotImplementedError
+    def inverse(self, z: Tensor) -> Tensor:
+        if type(self).inverse_transform is Flow.inverse_transform:  # pragma: no cover - interface
+            raise NotImplementedError(
+                f"{type(self).__name__} implements neither inverse nor inverse_transform"
+            )
+        return self.inverse_transform(z)[0]
 
     def transform(self, x: Tensor, settings: FlowSettings = DEFAULT_SETTINGS) -> FlowOutput:
         """``forward`` with per-call settings, returning its statistics (default: none)."""
@@ -128,26 +138,12 @@ class SequentialFlow(Flow):
         self.flows = nn.ModuleList(flows)
 
     def transform(self, x: Tensor, settings: FlowSettings = DEFAULT_SETTINGS) -> FlowOutput:
-        out = FlowOutput(x, x.new_zeros(x.shape[0]))
-        for flow in self.flows:
-            out = out.then(flow.transform(out.z, settings))
-        return out
-
-    def forward(self, x: Tensor) -> tuple[Tensor, Tensor]:
-        out = self.transform(x)
-        return out.z, out.logdet
+        return chain_transform(self.flows, x, settings)
 
     def inverse_transform(
         self, z: Tensor, settings: FlowSettings = DEFAULT_SETTINGS
     ) -> tuple[Tensor, SolveStats]:
-        stats = SolveStats()
-        for flow in reversed(self.flows):
-            z, st = flow.inverse_transform(z, settings)
-            stats = stats + st
-        return z, stats
-
-    def inverse(self, z: Tensor) -> Tensor:
-        return self.inverse_transform(z)[0]
+        return chain_inverse(self.flows, z, settings)
 
 
 class IdentityFlow(Flow):
@@ -225,34 +221,29 @@ class DiagonalNormal:
         return z if self.std == 1.0 else z * self.std
 
 
-def _chain(flow: Flow | Sequence[Flow]) -> Flow:
-    if isinstance(flow, Flow):
-        return flow
-    flows = [f for f in flow if f is not None]
-    return flows[0] if len(flows) == 1 else _Chain(flows)
+def _flows(flow: Flow | Sequence[Flow | None]) -> Sequence[Flow]:
+    return [flow] if isinstance(flow, Flow) else [f for f in flow if f is not None]
 
 
-class _Chain(Flow):
-    """An unregistered composition for one call (the flows stay owned by the model)."""
+def chain_transform(
+    flows: Iterable[Flow], x: Tensor, settings: FlowSettings = DEFAULT_SETTINGS
+) -> FlowOutput:
+    """``f_K ∘ … ∘ f_1 (x)`` with the summed log-determinants, statistics and regularisers."""
+    out = FlowOutput(x, x.new_zeros(x.shape[0]))
+    for f in flows:
+        out = out.then(f.transform(out.z, settings))
+    return out
 
-    def __init__(self, flows: Sequence[Flow]):
-        super().__init__()
-        object.__setattr__(self, "_flows", tuple(flows))
 
-    def transform(self, x: Tensor, settings: FlowSettings = DEFAULT_SETTINGS) -> FlowOutput:
-        out = FlowOutput(x, x.new_zeros(x.shape[0]))
-        for f in self._flows:
-            out = out.then(f.transform(out.z, settings))
-        return out
-
-    def inverse_transform(
-        self, z: Tensor, settings: FlowSettings = DEFAULT_SETTINGS
-    ) -> tuple[Tensor, SolveStats]:
-        stats = SolveStats()
-        for f in reversed(self._flows):
-            z, st = f.inverse_transform(z, settings)
-            stats = stats + st
-        return z, stats
+def chain_inverse(
+    flows: Sequence[Flow], z: Tensor, settings: FlowSettings = DEFAULT_SETTINGS
+) -> tuple[Tensor, SolveStats]:
+    """The inverse of :func:`chain_transform` (last flow first) and the solves' statistics."""
+    stats = SolveStats()
+    for f in reversed(flows):
+        z, st = f.inverse_transform(z, settings)
+        stats = stats + st
+    return z, stats
 
 
 def flow_log_prob(
@@ -273,7 +264,7 @@ def flow_log_prob(
     Returns:
         ``log p(x)`` per sample ``(B,)`` in nats, and the :class:`FlowOutput`.
     """
-    out = _chain(flow).transform(x, settings)
+    out = chain_transform(_flows(flow), x, settings)
     return base.log_prob(out.z) + out.logdet, out
 
 
@@ -293,4 +284,4 @@ def flow_sample(
     z = base.sample((n, *event_shape), generator=generator, dtype=dtype, device=device)
     if temperature != 1.0:
         z = temperature * z
-    return _chain(flow).inverse_transform(z, settings)
+    return chain_inverse(_flows(flow), z, settings)

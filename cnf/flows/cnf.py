@@ -110,10 +110,6 @@ class CNF(Flow):
         sol = self.solve(x, settings)
         return FlowOutput(sol.z, sol.logdet, sol.stats, dict(sol.regularizers))
 
-    def forward(self, x: Tensor) -> tuple[Tensor, Tensor]:
-        sol = self.solve(x)
-        return sol.z, sol.logdet
-
     def inverse_transform(
         self, z: Tensor, settings: FlowSettings = DEFAULT_SETTINGS
     ) -> tuple[Tensor, SolveStats]:
@@ -125,6 +121,3 @@ class CNF(Flow):
             solver=settings.solver or self.solver,
         )
         return sol.z, sol.stats
-
-    def inverse(self, z: Tensor) -> Tensor:
-        return self.inverse_transform(z)[0]

@@ -172,10 +172,6 @@ class MultiScaleLevel(Flow):
             out.z = self.squeeze.inverse(out.z)
         return out
 
-    def forward(self, x: Tensor) -> tuple[Tensor, Tensor]:
-        out = self.transform(x)
-        return out.z, out.logdet
-
     def inverse_transform(
         self, z: Tensor, settings: FlowSettings = DEFAULT_SETTINGS
     ) -> tuple[Tensor, SolveStats]:
@@ -200,9 +196,6 @@ class MultiScaleLevel(Flow):
             z, st = self.pre.inverse_transform(z, settings)
             stats = stats + st
         return z, stats
-
-    def inverse(self, z: Tensor) -> Tensor:
-        return self.inverse_transform(z)[0]
 
 
 # ------------------------------------------------------------------------- builders

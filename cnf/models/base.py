@@ -25,11 +25,21 @@ from typing import Any, ClassVar, NamedTuple
 import torch
 from torch import Tensor, nn
 
+from cnf.flows.base import (
+    DEFAULT_SETTINGS,
+    Flow,
+    FlowOutput,
+    FlowSettings,
+    flow_log_prob,
+    flow_sample,
+)
 from cnf.registry import Registry
 from cnf.settings import update
+from cnf.solve import SolveStats
 
 __all__ = [
     "MODELS",
+    "ChainModel",
     "EvalOutput",
     "Family",
     "GenerativeModel",
@@ -93,13 +103,30 @@ class GenerativeModel(nn.Module):
     def training_loss(self, x: Tensor) -> LossOutput:  # pragma: no cover - interface
         raise NotImplementedError
 
-    def evaluate(
-        self, x: Tensor, settings: Any = None
-    ) -> EvalOutput:  # pragma: no cover - interface
-        raise NotImplementedError
+    def evaluate(self, x: Tensor, settings: Any = None) -> EvalOutput:
+        """Per-sample NLL and/or NELBO of ``x`` in nats, in eval mode without gradients.
+
+        ``settings``: None (the model's own), a ``Settings`` object, or a
+        mapping of flat/dotted keys (validated by :meth:`with_settings`).
+        """
+        s = self._resolve(settings)
+        with self.evaluating():
+            return self._evaluate(x, s)
 
     def sample(
         self, n: int, settings: Any = None, *, generator: torch.Generator | None = None
+    ) -> SampleOutput:
+        """``n`` samples under ``settings`` (as in :meth:`evaluate`) with the sampler's NFE."""
+        s = self._resolve(settings)
+        with self.evaluating():
+            return self._sample(n, s, generator)
+
+    # What a family implements: called with resolved settings, in eval mode, without gradients.
+    def _evaluate(self, x: Tensor, settings: Any) -> EvalOutput:  # pragma: no cover - interface
+        raise NotImplementedError
+
+    def _sample(
+        self, n: int, settings: Any, generator: torch.Generator | None
     ) -> SampleOutput:  # pragma: no cover - interface
         raise NotImplementedError
 
@@ -141,6 +168,53 @@ class GenerativeModel(nn.Module):
     @property
     def dtype(self) -> torch.dtype:
         return next(self.parameters()).dtype
+
+
+class ChainModel(GenerativeModel):
+    """A family whose density is one chain of flows from data to a base distribution.
+
+    Subclasses define ``data_to_base`` (the flows, in order), ``base`` and
+    ``base_shape`` (the shape one base sample has; default ``event_shape``);
+    the likelihood and the sampler then go through :func:`cnf.flows.base.flow_log_prob`
+    and :func:`~cnf.flows.base.flow_sample`, the library's one likelihood path.
+    """
+
+    base: Any
+
+    @property
+    def data_to_base(self) -> list[Flow]:  # pragma: no cover - interface
+        raise NotImplementedError
+
+    @property
+    def base_shape(self) -> tuple[int, ...]:
+        return self.event_shape
+
+    def chain_log_prob(
+        self, x: Tensor, settings: FlowSettings = DEFAULT_SETTINGS
+    ) -> tuple[Tensor, FlowOutput]:
+        """``log p(x)`` per sample in nats and the chain's output (solve statistics, regularisers)."""
+        return flow_log_prob(self.data_to_base, self.base, x, settings)
+
+    def chain_sample(
+        self,
+        n: int,
+        settings: FlowSettings = DEFAULT_SETTINGS,
+        *,
+        temperature: float = 1.0,
+        generator: torch.Generator | None = None,
+    ) -> tuple[Tensor, SolveStats]:
+        """``x = chain^{-1}(τ z)``, ``z ~ base``, and the statistics of the inverse solves."""
+        return flow_sample(
+            self.data_to_base,
+            self.base,
+            n,
+            self.base_shape,
+            settings=settings,
+            temperature=temperature,
+            generator=generator,
+            dtype=self.dtype,
+            device=self.device,
+        )
 
 
 # ---------------------------------------------------------------- the registry

@@ -40,13 +40,7 @@ from cnf.diffflow.chain import DIFFFLOW_SAMPLERS, path_nelbo, run_backward
 from cnf.diffflow.schedules import BASE_DRIFTS, DiffusionSchedule, TimeGrid, build_diffusion
 from cnf.diffusion.nets import SCORE_NETS
 from cnf.flows.preprocess import Preprocess
-from cnf.models.base import (
-    EvalOutput,
-    GenerativeModel,
-    LossOutput,
-    SampleOutput,
-    register_family,
-)
+from cnf.models.base import EvalOutput, GenerativeModel, LossOutput, SampleOutput, register_family
 from cnf.models.score import image_shape_of
 from cnf.nets import TimeMLP
 from cnf.registry import Registry
@@ -255,41 +249,33 @@ class DiffFlow(GenerativeModel):
         # The checkpointed backward pass re-evaluates the networks; autograd does not.
         return LossOutput(loss, stats, lambda: {"nfe_backward": self.nfe - after_forward})
 
-    def evaluate(self, x: Tensor, settings: DiffFlowSettings | None = None) -> EvalOutput:
+    def _evaluate(self, x: Tensor, s: DiffFlowSettings) -> EvalOutput:
         """NELBO per sample on the fixed ``steps``-step grid (``sampler`` does not change it)."""
-        s = self._resolve(settings)
         start = self.nfe
-        with self.evaluating():
-            nelbo, stats = self.nelbo(x, steps=s.steps)
+        nelbo, stats = self.nelbo(x, steps=s.steps)
         stats.update(nfe=self.nfe - start, steps=s.steps)
         return EvalOutput(nll=None, nelbo=nelbo, stats=stats)
 
-    def sample(
-        self,
-        n: int,
-        settings: DiffFlowSettings | None = None,
-        *,
-        generator: torch.Generator | None = None,
+    def _sample(
+        self, n: int, s: DiffFlowSettings, generator: torch.Generator | None
     ) -> SampleOutput:
         """``n`` samples from the backward chain (noise-free last step) or its ODE variant."""
-        s = self._resolve(settings)
         start = self.nfe
-        with self.evaluating():
-            ts, gs = self._schedule(s.steps, random=False)
+        ts, gs = self._schedule(s.steps, random=False)
 
-            def randn() -> Tensor:
-                shape = (n, *self.event_shape)
-                return torch.randn(shape, generator=generator, dtype=self.dtype, device=self.device)
+        def randn() -> Tensor:
+            shape = (n, *self.event_shape)
+            return torch.randn(shape, generator=generator, dtype=self.dtype, device=self.device)
 
-            y = run_backward(
-                self,
-                self.prior_std * randn(),
-                ts,
-                gs,
-                sampler=s.sampler,
-                noise=lambda i: randn() if i > 0 else None,
-            )
-            x = self.preprocess.inverse(y)
+        y = run_backward(
+            self,
+            self.prior_std * randn(),
+            ts,
+            gs,
+            sampler=s.sampler,
+            noise=lambda i: randn() if i > 0 else None,
+        )
+        x = self.preprocess.inverse(y)
         return SampleOutput(x, {"nfe": self.nfe - start, "steps": s.steps})
 
     def default_cost_grid(self) -> list[dict[str, Any]]:
@@ -325,5 +311,5 @@ def build_diffflow(cfg: DiffFlowSchema, event_shape: tuple[int, ...]) -> DiffFlo
 
 
 @register_family("diffflow", DiffFlowSchema)
-def _build(cfg: DiffFlowSchema, event_shape: tuple[int, ...], eval_cfg: Any) -> GenerativeModel:
+def _build(cfg: DiffFlowSchema, event_shape: tuple[int, ...], eval_cfg: Any) -> DiffFlow:
     return build_diffflow(cfg, event_shape)

@@ -24,21 +24,13 @@ from cnf.flows.base import (
     Flow,
     FlowSettings,
     SequentialFlow,
-    flow_log_prob,
-    flow_sample,
 )
 from cnf.flows.cnf import CNF
 from cnf.flows.normalization import MovingBatchNorm
 from cnf.flows.preprocess import Preprocess
-from cnf.models.base import (
-    EvalOutput,
-    GenerativeModel,
-    LossOutput,
-    SampleOutput,
-    register_family,
-)
+from cnf.models.base import ChainModel, EvalOutput, LossOutput, SampleOutput, register_family
 from cnf.nets import TimeMLP
-from cnf.schema import FFJORDSchema
+from cnf.schema import FFJORDSchema, FlowMatchingSchema
 from cnf.solve import SolverConfig
 
 __all__ = ["FFJORD", "ODESettings", "build_ffjord"]
@@ -65,7 +57,7 @@ class ODESettings:
         )
 
 
-class FFJORD(GenerativeModel):
+class FFJORD(ChainModel):
     """Continuous normalizing flow with a standard-normal base (data at t = 0).
 
     Args:
@@ -109,12 +101,12 @@ class FFJORD(GenerativeModel):
     def log_prob(self, x: Tensor, settings: ODESettings | None = None) -> Tensor:
         """``log p(x)`` per sample ``(B,)`` in nats under ``settings`` (default: the model's)."""
         s = self._resolve(settings)
-        return flow_log_prob(self.data_to_base, self.base, x, s.flow_settings(self.dim))[0]
+        return self.chain_log_prob(x, s.flow_settings(self.dim))[0]
 
     def training_loss(self, x: Tensor) -> LossOutput:
         regularize = self.kinetic_weight > 0 or self.jacobian_weight > 0
         settings = FlowSettings(regularize=regularize)
-        logp, out = flow_log_prob(self.data_to_base, self.base, x, settings)
+        logp, out = self.chain_log_prob(x, settings)
         nll = -logp.mean()
         loss = nll
         stats = {"nll": float(nll.detach())}
@@ -129,31 +121,12 @@ class FFJORD(GenerativeModel):
         solve = out.stats
         return LossOutput(loss, stats, lambda: {"nfe_backward": solve.nfe_backward})
 
-    def evaluate(self, x: Tensor, settings: ODESettings | None = None) -> EvalOutput:
-        s = self._resolve(settings)
-        with self.evaluating():
-            logp, out = flow_log_prob(self.data_to_base, self.base, x, s.flow_settings(self.dim))
+    def _evaluate(self, x: Tensor, s: ODESettings) -> EvalOutput:
+        logp, out = self.chain_log_prob(x, s.flow_settings(self.dim))
         return EvalOutput(nll=-logp, stats={"nfe": out.stats.nfe_forward})
 
-    def sample(
-        self,
-        n: int,
-        settings: ODESettings | None = None,
-        *,
-        generator: torch.Generator | None = None,
-    ) -> SampleOutput:
-        s = self._resolve(settings)
-        with self.evaluating():
-            x, stats = flow_sample(
-                self.data_to_base,
-                self.base,
-                n,
-                self.event_shape,
-                settings=FlowSettings(solver=s.solver),
-                generator=generator,
-                dtype=self.dtype,
-                device=self.device,
-            )
+    def _sample(self, n: int, s: ODESettings, generator: torch.Generator | None) -> SampleOutput:
+        x, stats = self.chain_sample(n, FlowSettings(solver=s.solver), generator=generator)
         return SampleOutput(x, {"nfe": stats.nfe_forward})
 
     def default_cost_grid(self) -> list[dict[str, Any]]:
@@ -162,6 +135,17 @@ class FFJORD(GenerativeModel):
         ]
         grid += [{"method": "rk4", "steps": s} for s in (2, 4, 8, 16)]
         return grid
+
+
+def field_network(dim: int, cfg: FFJORDSchema | FlowMatchingSchema) -> TimeMLP:
+    """The vector field ``f(t, z)`` of a CNF family from its ``hidden_dims, layer, activation, zero_init``."""
+    return TimeMLP(
+        dim,
+        tuple(cfg.hidden_dims),
+        layer=cfg.layer,
+        activation=cfg.activation,
+        zero_init=cfg.zero_init,
+    )
 
 
 def build_ffjord(cfg: FFJORDSchema, event_shape: tuple[int, ...], settings: ODESettings) -> FFJORD:
@@ -175,13 +159,7 @@ def build_ffjord(cfg: FFJORDSchema, event_shape: tuple[int, ...], settings: ODES
     for i in range(cfg.num_blocks):
         if cfg.batch_norm and i == 0:
             blocks.append(MovingBatchNorm(dim))
-        field_ = TimeMLP(
-            dim,
-            tuple(cfg.hidden_dims),
-            layer=cfg.layer,
-            activation=cfg.activation,
-            zero_init=cfg.zero_init,
-        )
+        field_ = field_network(dim, cfg)
         blocks.append(
             CNF(
                 field_,

@@ -45,20 +45,12 @@ from cnf.flows.base import (
     DiagonalNormal,
     Flow,
     FlowSettings,
-    flow_log_prob,
-    flow_sample,
 )
 from cnf.flows.logdet import ExactLogDet, LogDetEstimator, SeriesLogDet
 from cnf.flows.preprocess import Preprocess
 from cnf.flows.registry import FLOWS_OR_IDENTITY
 from cnf.flows.residual import ResidualBlock
-from cnf.models.base import (
-    EvalOutput,
-    GenerativeModel,
-    LossOutput,
-    SampleOutput,
-    register_family,
-)
+from cnf.models.base import ChainModel, EvalOutput, LossOutput, SampleOutput, register_family
 from cnf.schema import EvalLogDetSchema, FlowSchema, builder_options
 
 __all__ = ["FlowModel", "FlowModelSettings", "LogDetChoice", "build_flow_model", "build_named_flow"]
@@ -136,7 +128,7 @@ def build_named_flow(section: Any, event_shape: tuple[int, ...]) -> Flow:
 
 
 # ------------------------------------------------------------------ the model
-class FlowModel(GenerativeModel):
+class FlowModel(ChainModel):
     """A discrete flow with a standard-normal base, trained by maximum likelihood.
 
     Args:
@@ -176,41 +168,24 @@ class FlowModel(GenerativeModel):
 
     def log_prob(self, x: Tensor, settings: FlowSettings = FlowSettings()) -> Tensor:  # noqa: B008
         """``log p(x)`` per sample ``(B,)`` in nats (the blocks' own log-det estimators by default)."""
-        return flow_log_prob(self.data_to_base, self.base, x, settings)[0]
+        return self.chain_log_prob(x, settings)[0]
 
     def training_loss(self, x: Tensor) -> LossOutput:
         nll = -self.log_prob(x)
         loss = nll.mean()
         return LossOutput(loss, {"nll": float(loss.detach())})
 
-    def evaluate(self, x: Tensor, settings: FlowModelSettings | None = None) -> EvalOutput:
+    def _evaluate(self, x: Tensor, s: FlowModelSettings) -> EvalOutput:
         """NLL per sample in nats (residual flows: see :class:`LogDetChoice`)."""
-        s = self._resolve(settings)
-        with self.evaluating():
-            estimator, exact = s.logdet.estimator(self.flow, self.dim)
-            nll = -self.log_prob(x, FlowSettings(logdet=estimator))
+        estimator, exact = s.logdet.estimator(self.flow, self.dim)
+        nll = -self.log_prob(x, FlowSettings(logdet=estimator))
         return EvalOutput(nll=nll, stats={"flow_logdet_exact": 1.0 if exact else 0.0})
 
-    def sample(
-        self,
-        n: int,
-        settings: FlowModelSettings | None = None,
-        *,
-        generator: torch.Generator | None = None,
+    def _sample(
+        self, n: int, s: FlowModelSettings, generator: torch.Generator | None
     ) -> SampleOutput:
         """``x = f^{-1}(τ ε)``; residual flows invert by fixed-point iteration."""
-        s = self._resolve(settings)
-        with self.evaluating():
-            x, _ = flow_sample(
-                self.data_to_base,
-                self.base,
-                n,
-                self.event_shape,
-                temperature=s.temperature,
-                generator=generator,
-                dtype=self.dtype,
-                device=self.device,
-            )
+        x, _ = self.chain_sample(n, temperature=s.temperature, generator=generator)
         return SampleOutput(x, {"nfe": 0.0})
 
     def default_cost_grid(self) -> list[dict[str, Any]]:
@@ -231,5 +206,5 @@ def build_flow_model(cfg: FlowSchema, event_shape: tuple[int, ...]) -> FlowModel
 
 
 @register_family("flow", FlowSchema)
-def _build(cfg: FlowSchema, event_shape: tuple[int, ...], eval_cfg: Any) -> GenerativeModel:
+def _build(cfg: FlowSchema, event_shape: tuple[int, ...], eval_cfg: Any) -> FlowModel:
     return build_flow_model(cfg, event_shape)

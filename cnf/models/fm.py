@@ -42,24 +42,18 @@ from cnf.diffusion.flow_matching import (
     reflow_pairs,
     transport_cost,
 )
-from cnf.flows.base import DiagonalNormal, Flow, FlowSettings, Reshape, flow_log_prob, flow_sample
+from cnf.flows.base import DiagonalNormal, Flow, FlowSettings, Reshape
 from cnf.flows.cnf import CNF
 from cnf.flows.preprocess import Preprocess
-from cnf.models.base import (
-    EvalOutput,
-    GenerativeModel,
-    LossOutput,
-    SampleOutput,
-    register_family,
-)
-from cnf.models.ffjord import ODESettings
+from cnf.models.base import ChainModel, EvalOutput, LossOutput, SampleOutput, register_family
+from cnf.models.ffjord import ODESettings, field_network
 from cnf.nets import TimeMLP
 from cnf.schema import FlowMatchingSchema
 
 __all__ = ["FlowMatchingModel", "build_flow_matching"]
 
 
-class FlowMatchingModel(GenerativeModel):
+class FlowMatchingModel(ChainModel):
     """A vector field trained by conditional flow matching; a CNF at evaluation.
 
     Args:
@@ -119,6 +113,10 @@ class FlowMatchingModel(GenerativeModel):
         """The flows from data to base, in order: preprocessing, flatten, the CNF."""
         return [self.preprocess, self.flatten, self.cnf]
 
+    @property
+    def base_shape(self) -> tuple[int, ...]:
+        return (self.dim,)
+
     # ------------------------------------------------------------- spaces
     def to_model_space(self, x: Tensor) -> tuple[Tensor, Tensor]:
         """Data ``(B, *event)`` → flat model space ``(B, D)`` and the log-det of the map."""
@@ -167,34 +165,16 @@ class FlowMatchingModel(GenerativeModel):
     def log_prob(self, x: Tensor, settings: ODESettings | None = None) -> tuple[Tensor, int]:
         """``log p(x)`` per sample ``(B,)`` in nats and the NFE of the solve (t: 0 → 1)."""
         s = self._resolve(settings)
-        logp, out = flow_log_prob(self.data_to_base, self.base, x, s.flow_settings(self.dim))
+        logp, out = self.chain_log_prob(x, s.flow_settings(self.dim))
         return logp, out.stats.nfe_forward
 
-    def evaluate(self, x: Tensor, settings: ODESettings | None = None) -> EvalOutput:
-        with self.evaluating():
-            logp, nfe = self.log_prob(x, settings)
+    def _evaluate(self, x: Tensor, s: ODESettings) -> EvalOutput:
+        logp, nfe = self.log_prob(x, s)
         return EvalOutput(nll=-logp, stats={"nfe": nfe})
 
     # ------------------------------------------------------------- sampling
-    def sample(
-        self,
-        n: int,
-        settings: ODESettings | None = None,
-        *,
-        generator: torch.Generator | None = None,
-    ) -> SampleOutput:
-        s = self._resolve(settings)
-        with self.evaluating():
-            x, stats = flow_sample(
-                self.data_to_base,
-                self.base,
-                n,
-                (self.dim,),
-                settings=FlowSettings(solver=s.solver),
-                generator=generator,
-                dtype=self.dtype,
-                device=self.device,
-            )
+    def _sample(self, n: int, s: ODESettings, generator: torch.Generator | None) -> SampleOutput:
+        x, stats = self.chain_sample(n, FlowSettings(solver=s.solver), generator=generator)
         return SampleOutput(x, {"nfe": stats.nfe_forward})
 
     @torch.no_grad()
@@ -230,13 +210,7 @@ def build_flow_matching(
 ) -> FlowMatchingModel:
     """Build a flow-matching model from its typed ``model:`` config section."""
     dim = int(torch.Size(tuple(event_shape)).numel())
-    net = TimeMLP(
-        dim,
-        tuple(cfg.hidden_dims),
-        layer=cfg.layer,
-        activation=cfg.activation,
-        zero_init=cfg.zero_init,
-    )
+    net = field_network(dim, cfg)
     model = FlowMatchingModel(
         net,
         event_shape,
@@ -257,5 +231,7 @@ def build_flow_matching(
 
 
 @register_family("fm", FlowMatchingSchema)
-def _build(cfg: FlowMatchingSchema, event_shape: tuple[int, ...], eval_cfg: Any) -> GenerativeModel:
+def _build(
+    cfg: FlowMatchingSchema, event_shape: tuple[int, ...], eval_cfg: Any
+) -> FlowMatchingModel:
     return build_flow_matching(cfg, event_shape, ODESettings.from_eval(eval_cfg))

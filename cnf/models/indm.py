@@ -58,13 +58,7 @@ from cnf.diffusion.score import decoder_constant, dsm_loss, prior_kl
 from cnf.diffusion.sde import LinearSDE
 from cnf.flows.base import DEFAULT_SETTINGS, Flow, FlowSettings
 from cnf.flows.preprocess import Preprocess
-from cnf.models.base import (
-    EvalOutput,
-    GenerativeModel,
-    LossOutput,
-    SampleOutput,
-    register_family,
-)
+from cnf.models.base import EvalOutput, GenerativeModel, LossOutput, SampleOutput, register_family
 from cnf.models.flow import LogDetChoice, build_named_flow
 from cnf.models.score import ScoreModel, ScoreSettings, build_score, score_settings
 from cnf.schema import INDMSchema
@@ -191,17 +185,15 @@ class INDM(GenerativeModel):
         return LossOutput(loss, stats)
 
     # ------------------------------------------------------------- evaluation
-    def evaluate(self, x: Tensor, settings: INDMSettings | None = None) -> EvalOutput:
+    def _evaluate(self, x: Tensor, s: INDMSettings) -> EvalOutput:
         """NLL (probability-flow ODE) and NELBO (SDE model) per sample, in nats of ``x``.
 
         Both are ``−log|det ∂h/∂x|`` plus the latent quantity of the score model.
         """
-        s = self._resolve(settings)
-        with self.evaluating():
-            estimator, exact = s.logdet.estimator(self.flow, self.dim)
-            z, logdet = self.encode(x, FlowSettings(logdet=estimator))
-            zf = z.reshape(z.shape[0], self.latent.dim)
-            nll, bound, stats = self.latent.latent_terms(zf, s.latent())
+        estimator, exact = s.logdet.estimator(self.flow, self.dim)
+        z, logdet = self.encode(x, FlowSettings(logdet=estimator))
+        zf = z.reshape(z.shape[0], self.latent.dim)
+        nll, bound, stats = self.latent.latent_terms(zf, s.latent())
         stats = {
             **stats,
             "flow_logdet": float(logdet.mean()),
@@ -212,20 +204,12 @@ class INDM(GenerativeModel):
         )
 
     # ------------------------------------------------------------- sampling
-    def sample(
-        self,
-        n: int,
-        settings: INDMSettings | None = None,
-        *,
-        generator: torch.Generator | None = None,
-    ) -> SampleOutput:
+    def _sample(self, n: int, s: INDMSettings, generator: torch.Generator | None) -> SampleOutput:
         """Latent reverse SDE / PC / probability-flow ODE from ``τ·z_1``, then the inverse flow."""
-        s = self._resolve(settings)
-        with self.evaluating():
-            z0, stats = self.latent.sample_latent(
-                n, s.latent(), temperature=s.temperature, generator=generator
-            )
-            x = self.decode(z0.reshape(n, *self.event_shape))
+        z0, stats = self.latent.sample_latent(
+            n, s.latent(), temperature=s.temperature, generator=generator
+        )
+        x = self.decode(z0.reshape(n, *self.event_shape))
         return SampleOutput(x, stats)
 
     def default_cost_grid(self) -> list[dict[str, Any]]:

@@ -40,13 +40,7 @@ from cnf.diffusion.score import decoder_constant, dsm_loss, nelbo, prior_kl
 from cnf.diffusion.sde import SDES, LinearSDE
 from cnf.divergence import DivergenceConfig
 from cnf.flows.preprocess import Preprocess
-from cnf.models.base import (
-    EvalOutput,
-    GenerativeModel,
-    LossOutput,
-    SampleOutput,
-    register_family,
-)
+from cnf.models.base import EvalOutput, GenerativeModel, LossOutput, SampleOutput, register_family
 from cnf.schema import ScoreSchema, builder_options
 from cnf.solve import SolverConfig
 
@@ -205,12 +199,10 @@ class ScoreModel(GenerativeModel):
             )
         return nll, bound, {"nfe": float(info["nfe"])}
 
-    def evaluate(self, x: Tensor, settings: ScoreSettings | None = None) -> EvalOutput:
+    def _evaluate(self, x: Tensor, s: ScoreSettings) -> EvalOutput:
         """Probability-flow NLL and SDE NELBO per sample, in nats of ``x``."""
-        s = self._resolve(settings)
-        with self.evaluating():
-            y, logdet = self.to_model(x)
-            nll, bound, stats = self.latent_terms(y, s)
+        y, logdet = self.to_model(x)
+        nll, bound, stats = self.latent_terms(y, s)
         return EvalOutput(
             nll=nll - logdet, nelbo=None if bound is None else bound - logdet, stats=stats
         )
@@ -225,7 +217,7 @@ class ScoreModel(GenerativeModel):
         generator: torch.Generator | None = None,
     ) -> tuple[Tensor, dict[str, float]]:
         """Model-space samples ``(n, D)`` from ``x_1 ~ τ·π`` by the chosen sampler."""
-        x_T = self.sde.prior_sample(
+        x_T = self.sde.prior.sample(
             (n, self.dim), generator=generator, dtype=self.dtype, device=self.device
         )
         if temperature != 1.0:
@@ -236,16 +228,8 @@ class ScoreModel(GenerativeModel):
         )
         return y, {"nfe": float(info["nfe"])}
 
-    def sample(
-        self,
-        n: int,
-        settings: ScoreSettings | None = None,
-        *,
-        generator: torch.Generator | None = None,
-    ) -> SampleOutput:
-        s = self._resolve(settings)
-        with self.evaluating():
-            y, stats = self.sample_latent(n, s, generator=generator)
+    def _sample(self, n: int, s: ScoreSettings, generator: torch.Generator | None) -> SampleOutput:
+        y, stats = self.sample_latent(n, s, generator=generator)
         return SampleOutput(self.to_data(y), stats)
 
     def default_cost_grid(self) -> list[dict[str, Any]]:
@@ -338,5 +322,5 @@ def build_score(
 
 
 @register_family("score", ScoreSchema)
-def _build(cfg: ScoreSchema, event_shape: tuple[int, ...], eval_cfg: Any) -> GenerativeModel:
+def _build(cfg: ScoreSchema, event_shape: tuple[int, ...], eval_cfg: Any) -> ScoreModel:
     return build_score(cfg, event_shape, score_settings(cfg, eval_cfg))
