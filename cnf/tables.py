@@ -1,4 +1,4 @@
-"""Result tables from finished run folders, with published numbers beside ours (DESIGN.md §2, item 4).
+"""Result tables from finished run folders, with published numbers beside ours (docs/published-numbers.md).
 
 A *table spec* (YAML under ``configs/tables/``, read by ``experiments/tables.py``)
 names the table, its metric columns, the data-set columns, the method rows and

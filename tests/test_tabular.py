@@ -5,7 +5,7 @@ GAS DataFrame pickle, the two HEPMASS CSVs with their header and the test
 file's extra column, a 43-column MINIBOONE ``.npy``, a BSDS300 HDF5 file with
 ``train``/``validation``/``test``) are written by the test; each loader's
 output must equal a reference implementation written here from the rules in
-``shared/notes/maf-tabular.md`` (plain numpy / pandas, none of the loader's
+``docs/data.md`` (plain numpy / pandas, none of the loader's
 helpers). Then: split sizes, standardisation statistics, each dropped column,
 the cache (reused, rebuilt when a source changes, atomic, relocatable), the
 ``build_dataset`` API, and every malformed input as a one-line

@@ -195,7 +195,7 @@ def _image(
     train = arrays.train.reshape(len(arrays.train), *event_shape)
 
     def sample_train(rng: np.random.Generator, n: int) -> np.ndarray:
-        # Fresh dequantisation noise for every batch (DESIGN.md §1.2).
+        # Fresh dequantisation noise for every batch (docs/methods.md §1).
         return dequantize(train[rng.integers(0, len(train), size=n)], levels, rng)
 
     def eval_transform(x: np.ndarray, rng: np.random.Generator) -> np.ndarray:

@@ -2,7 +2,7 @@
 
 A stack of CNF blocks (optionally with moving batch norm between them) after
 the data preprocessing, and a standard-normal base:
-``log p(x) = log N(z; 0, I) + logdet`` (docs/methods.md §2). Training loss
+``log p(x) = log N(z; 0, I) + logdet`` (docs/methods.md §3). Training loss
 ``−mean log p(x) + λ_K·mean ∫‖f‖²dt + λ_J·mean ∫‖∂f/∂z‖_F²dt`` (RNODE).
 
 References:
