@@ -6,7 +6,7 @@ in :mod:`cnf.schema`) and the run's ``eval:`` section into a
 :class:`~cnf.models.base.GenerativeModel`. Each family's module registers
 itself with :func:`~cnf.models.base.register_family`, and importing this
 package imports every module in it, so adding a family is one module here,
-one schema in :mod:`cnf.schema` and one config file (README.md, "Model families").
+one schema in :mod:`cnf.schema` and one config file (ARCHITECTURE.md, "Adding a family").
 """
 
 from __future__ import annotations
