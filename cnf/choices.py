@@ -15,6 +15,7 @@ from cnf.diffflow.schedules import BASE_DRIFTS, DIFFUSIONS, GRIDS
 from cnf.diffusion.flow_matching import OT_SOLVERS, PAIRINGS
 from cnf.diffusion.likelihood import CORRECTIONS
 from cnf.diffusion.nets import CONDITIONINGS, PARAMETERIZATIONS, SCORE_NETS, TIME_EMBEDDINGS
+from cnf.diffusion.ode_samplers import TIME_GRIDS
 from cnf.diffusion.samplers import SCORE_SAMPLERS, SDE_METHODS
 from cnf.diffusion.score import WEIGHTINGS
 from cnf.diffusion.sde import SDES
@@ -63,6 +64,7 @@ __all__ = [
     "SDES",
     "SDE_METHODS",
     "TIME_EMBEDDINGS",
+    "TIME_GRIDS",
     "WANDB_MODES",
     "WEIGHTINGS",
 ]

@@ -585,7 +585,7 @@ def test_sdeint_sampler_and_registry():
     xs, st = sdeint_sample(data.score, sde, x_T, SamplerOptions(steps=150), generator=gen(21))
     assert st["nfe"] >= 150
     _check_moments(xs, data.mu, data.cov, tol_mean=0.05, tol_cov=0.08)
-    assert set(SCORE_SAMPLERS) == {"em", "pc", "ode", "sdeint"}
+    assert set(SCORE_SAMPLERS) == {"em", "pc", "ode", "sdeint", "euler", "heun"}
 
 
 def test_em_last_step_is_noise_free():

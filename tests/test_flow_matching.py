@@ -273,10 +273,14 @@ def test_cost_knob_errors_are_clear() -> None:
 def test_default_cost_grid_is_accepted_by_the_model() -> None:
     model = _tiny_model()
     grid = model.default_cost_grid()
-    labels = {(c["method"], c.get("steps")) for c in grid}
+    labels = {(c.get("method", c.get("sampler")), c.get("grid"), c.get("steps")) for c in grid}
     for method in ("euler", "midpoint"):
-        assert {(method, s) for s in (1, 2, 5, 10, 20)} <= labels
-    assert any(c["method"] == "dopri5" for c in grid)
+        assert {(method, None, s) for s in (1, 2, 5, 10, 20)} <= labels
+    assert any(c.get("method") == "dopri5" for c in grid)
+    # The few-step samplers as named settings: Heun at 9..99 NFE, Euler at 10..100, both grids.
+    for grid_name in ("karras", "uniform"):
+        assert {("heun", grid_name, s) for s in (5, 10, 25, 50)} <= labels
+        assert {("euler", grid_name, s) for s in (10, 20, 50, 100)} <= labels
     x = torch.zeros(2, 3, dtype=F64)
     for cost in grid:
         s = model.with_settings(cost)

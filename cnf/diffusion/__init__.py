@@ -38,6 +38,8 @@ from cnf.diffusion.samplers import (
     SamplerOptions,
     euler_maruyama,
     predictor_corrector,
+    probability_flow_euler,
+    probability_flow_heun,
     probability_flow_sample,
     sdeint_sample,
 )
@@ -83,6 +85,8 @@ __all__ = [
     "prior_kl",
     "probability_flow_cnf",
     "probability_flow_nll",
+    "probability_flow_euler",
+    "probability_flow_heun",
     "probability_flow_sample",
     "reflow_pairs",
     "save_pairs",

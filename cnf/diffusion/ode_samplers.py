@@ -38,6 +38,14 @@ the model's *EDM noise level* — the noise-to-signal ratio of its marginal
 The samplers then step in the model's time ``t`` (the grid only sets the
 spacing; EDM's Heun runs in σ on the rescaled state, which is the same idea).
 
+**In the families.** :func:`sampling_times` builds a model's grid by name
+(``uniform`` | ``karras``); score models and INDM's latent
+(:data:`cnf.diffusion.samplers.SCORE_SAMPLERS` ``euler``/``heun``, Karras
+grid over ``[σ(ε), σ(1)]``) and flow matching (``sampler=euler|heun``, Karras
+grid over EDM's ``[0.002, 80]`` with the first point moved to t = 1) select
+them with the flat keys ``sampler``, ``steps`` and ``grid``, routed by
+:func:`route_sampler_keys` (docs/methods.md §4.4, §7).
+
 Example:
     >>> x1 = torch.randn(16, 2)
     >>> times = sigma_to_fm_time(karras_grid(8, 0.002, 80.0))
@@ -56,20 +64,31 @@ from __future__ import annotations
 
 import math
 from collections.abc import Callable
+from typing import Any
 
 import torch
 from torch import Tensor
 
 from cnf.diffusion.sde import VESDE, VPSDE, LinearSDE, SubVPSDE
+from cnf.registry import Registry
 
 __all__ = [
+    "EDM_SIGMA_MAX",
+    "EDM_SIGMA_MIN",
     "ODE_SAMPLERS",
+    "SOLVER_KEYS",
+    "SOLVER_SAMPLER",
     "TIME_GRIDS",
     "VelocityField",
     "euler",
+    "few_step_settings",
+    "fm_sampling_times",
     "fm_time_to_sigma",
     "heun",
     "karras_grid",
+    "route_sampler_keys",
+    "sampling_times",
+    "sde_sampling_times",
     "sde_time_to_sigma",
     "sigma_to_fm_time",
     "sigma_to_sde_time",
@@ -148,7 +167,9 @@ def heun(
     return x, nfe
 
 
-ODE_SAMPLERS: dict[str, Callable[..., tuple[Tensor, int]]] = {"euler": euler, "heun": heun}
+ODE_SAMPLERS: Registry[Callable[..., tuple[Tensor, int]]] = Registry(
+    "ODE sampler", {"euler": euler, "heun": heun}
+)
 
 
 # ------------------------------------------------------------------ time grids
@@ -201,7 +222,9 @@ def karras_grid(
     return torch.cat([sigmas, sigmas.new_zeros(1)]).to(dtype)
 
 
-TIME_GRIDS: dict[str, Callable[..., Tensor]] = {"uniform": uniform_grid, "karras": karras_grid}
+TIME_GRIDS: Registry[Callable[..., Tensor]] = Registry(
+    "time grid", {"uniform": uniform_grid, "karras": karras_grid}
+)
 
 
 # ----------------------------------------------------- σ ↔ model time
@@ -262,3 +285,127 @@ def sigma_to_fm_time(sigma: Tensor) -> Tensor:
     """Time ``σ/(1 + σ)`` of the straight path at noise level σ (σ = 0 → t = 0, σ → ∞ → t → 1)."""
     sigma = torch.as_tensor(sigma)
     return sigma / (1 + sigma)
+
+
+# ------------------------------------------------ a model's fixed sampling grid
+EDM_SIGMA_MIN, EDM_SIGMA_MAX = 0.002, 80.0
+"""EDM's noise-level range (Karras et al. 2022, §5): the Karras grid of flow matching."""
+
+
+def sampling_times(
+    grid: str,
+    steps: int,
+    *,
+    t_start: float,
+    t_end: float,
+    sigma_min: float,
+    sigma_max: float,
+    sigma_to_time: Callable[[Tensor], Tensor],
+    dtype: torch.dtype = torch.float64,
+    device: torch.device | str | None = None,
+) -> Tensor:
+    """The ``steps + 1`` times a fixed-grid sampler visits, from the noise end to the data end.
+
+    * ``uniform`` — uniform in the model's time from ``t_start`` to ``t_end``;
+    * ``karras`` — :func:`karras_grid` ``(steps, sigma_min, sigma_max)`` (ρ = 7)
+      mapped to the model's time by ``sigma_to_time``, with the first point
+      set to ``t_start`` (the prior's time, where σ may be infinite, as for
+      flow matching) and the last at σ = 0, the data end — as in EDM, whose
+      last step is an Euler step from ``sigma_min`` to 0 (docs/methods.md §4.4).
+
+    Args:
+        grid: A name of :data:`TIME_GRIDS`.
+        steps: Number of steps N (≥ 1).
+        t_start, t_end: Noise and data ends of the uniform grid (e.g. 1 and ε).
+        sigma_min, sigma_max: Noise-level range of the Karras grid.
+        sigma_to_time: The model's map σ → t (:func:`sigma_to_sde_time`, :func:`sigma_to_fm_time`).
+        dtype, device: Of the returned ``(N + 1,)`` tensor.
+    """
+    TIME_GRIDS.check(grid, key="grid")
+    if grid == "uniform":
+        times = uniform_grid(steps, t_start, t_end)
+    else:
+        times = sigma_to_time(karras_grid(steps, sigma_min, sigma_max)).to(torch.float64)
+        times[0] = t_start
+    return times.to(dtype=dtype, device=device)
+
+
+def sde_sampling_times(
+    sde: LinearSDE, grid: str, steps: int, *, eps: float | None = None, like: Tensor
+) -> Tensor:
+    """A linear SDE's probability-flow grid: uniform 1 → ε, or Karras σ(1) → σ(ε) → 0 (in t)."""
+    eps = sde.eps if eps is None else eps
+    with torch.no_grad():
+        ends = sde_time_to_sigma(sde, torch.tensor([sde.T, eps], dtype=torch.float64))
+    return sampling_times(
+        grid,
+        steps,
+        t_start=sde.T,
+        t_end=eps,
+        sigma_min=float(ends[1]),
+        sigma_max=float(ends[0]),
+        sigma_to_time=lambda sigma: sigma_to_sde_time(sde, sigma),
+        dtype=like.dtype,
+        device=like.device,
+    )
+
+
+def fm_sampling_times(grid: str, steps: int, *, like: Tensor) -> Tensor:
+    """Flow matching's grid from t = 1 to 0: uniform, or Karras over EDM's [0.002, 80], first point t = 1."""
+    return sampling_times(
+        grid,
+        steps,
+        t_start=1.0,
+        t_end=0.0,
+        sigma_min=EDM_SIGMA_MIN,
+        sigma_max=EDM_SIGMA_MAX,
+        sigma_to_time=sigma_to_fm_time,
+        dtype=like.dtype,
+        device=like.device,
+    )
+
+
+# ------------------------------------------------ flat keys of the samplers
+SOLVER_SAMPLER = "ode"
+"""The sampler name that means "the ODE through :func:`cnf.solve.integrate` with the solver settings"."""
+
+SOLVER_KEYS = frozenset(
+    {"method", "name", "solver.name", "rtol", "atol", "tol", "adjoint", "max_steps", "seminorm"}
+)
+"""Flat keys that only make sense for the solver: given without a sampler, they select it."""
+
+
+def route_sampler_keys(changes: dict[str, Any], sampler: str) -> dict[str, Any]:
+    """Flat setting keys of a family whose samplers are the solver (``ode``) and :data:`ODE_SAMPLERS`.
+
+    Solver keys (:data:`SOLVER_KEYS`) without ``sampler`` select ``ode``;
+    under ``ode`` a bare ``steps`` is the solver's (``solver.steps``),
+    otherwise the fixed-grid sampler's. A ``Settings.route`` hook
+    (:func:`cnf.settings.update`) for score models, INDM and flow matching.
+
+    Args:
+        changes: The flat changes (modified and returned).
+        sampler: The settings' current sampler.
+    """
+    if "sampler" not in changes and SOLVER_KEYS & set(changes):
+        changes["sampler"] = SOLVER_SAMPLER
+    if changes.get("sampler", sampler) == SOLVER_SAMPLER and "steps" in changes:
+        changes["solver.steps"] = changes.pop("steps")
+    return changes
+
+
+def few_step_settings(
+    heun_steps: tuple[int, ...] = (5, 10, 25, 50), euler_steps: tuple[int, ...] = (10, 20, 50, 100)
+) -> list[dict[str, Any]]:
+    """Named cost settings of the few-step samplers, on both grids, at matching NFE.
+
+    Heun with N steps costs 2N − 1 evaluations, so the defaults compare Heun
+    at 9, 19, 49, 99 NFE with Euler at 10, 20, 50, 100 (docs/methods.md §8.4).
+    Part of the default cost grid of every family that samples by an ODE.
+    """
+    return [
+        {"sampler": sampler, "grid": grid, "steps": n}
+        for sampler, steps in (("heun", heun_steps), ("euler", euler_steps))
+        for grid in ("karras", "uniform")
+        for n in steps
+    ]

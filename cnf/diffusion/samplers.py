@@ -21,6 +21,10 @@ Reverse-time SDE (Anderson 1982; Song et al. 2021, eq. 6)::
   sub-VP uses the VP rule, as Song et al.'s code does.
 * :func:`probability_flow_sample` — ``dx/dt = f x − ½ g² s`` through
   :func:`cnf.solve.integrate` (adaptive tolerance or fixed steps).
+* :func:`probability_flow_euler`, :func:`probability_flow_heun` — the same
+  ODE by the few-step samplers of :mod:`cnf.diffusion.ode_samplers` on a
+  ``uniform`` grid in t (1 → ε) or EDM's ``karras`` grid of noise levels
+  (σ(1) → σ(ε) → 0, ρ = 7): N steps cost N and 2N − 1 evaluations.
 * :func:`sdeint_sample` — the reverse SDE through ``torchsde.sdeint`` (any of
   its Itô methods; no noise-free last step).
 
@@ -42,6 +46,7 @@ import torch
 from torch import Tensor, nn
 
 from cnf.diffusion.likelihood import ProbabilityFlow
+from cnf.diffusion.ode_samplers import ODE_SAMPLERS, TIME_GRIDS, sde_sampling_times
 from cnf.diffusion.score import ScoreFn
 from cnf.diffusion.sde import LinearSDE, expand_as
 from cnf.registry import Registry
@@ -55,6 +60,8 @@ __all__ = [
     "langevin_alpha",
     "langevin_step",
     "predictor_corrector",
+    "probability_flow_euler",
+    "probability_flow_heun",
     "probability_flow_sample",
     "sdeint_sample",
     "time_grid",
@@ -71,7 +78,9 @@ class SamplerOptions:
     """The options every sampler takes (each reads the ones it uses).
 
     Attributes:
-        steps: Time steps of the SDE samplers (``em``, ``pc``, ``sdeint``).
+        steps: Time steps of the SDE samplers (``em``, ``pc``, ``sdeint``) and
+            of the fixed-grid ODE samplers (``euler``, ``heun``).
+        grid: Time grid of ``euler`` and ``heun``: ``karras`` | ``uniform``.
         solver: ODE solver of the ``ode`` sampler (fixed-step methods carry their steps).
         snr, corrector_steps: Langevin corrector of ``pc``.
         sde_method: torchsde method of ``sdeint``.
@@ -84,8 +93,10 @@ class SamplerOptions:
     corrector_steps: int = 1
     sde_method: str = "euler"
     eps: float | None = None
+    grid: str = "karras"
 
     def __post_init__(self) -> None:
+        TIME_GRIDS.check(self.grid, key="grid")
         if self.steps < 1:
             raise ValueError(f"steps must be >= 1, got {self.steps}")
         if self.snr <= 0 or self.corrector_steps < 0:
@@ -278,6 +289,52 @@ def probability_flow_sample(
     return sol.z, {"nfe": sol.stats.nfe_forward, "solver": solver.describe()}
 
 
+def _probability_flow_fixed_grid(method: str, doc: str) -> Sampler:
+    """A sampler of the shared signature: ``method`` of ODE_SAMPLERS on the probability-flow ODE."""
+
+    @torch.no_grad()
+    def sample(
+        score_fn: ScoreFn,
+        sde: LinearSDE,
+        x_T: Tensor,
+        options: SamplerOptions = DEFAULT_OPTIONS,
+        *,
+        generator: torch.Generator | None = None,
+    ) -> tuple[Tensor, dict[str, Any]]:
+        eps = sde.eps if options.eps is None else options.eps
+        field = ProbabilityFlow(score_fn, sde, t_min=eps)
+        times = sde_sampling_times(sde, options.grid, options.steps, eps=eps, like=x_T)
+        x, nfe = ODE_SAMPLERS[method](field, x_T, times)
+        return x, {"nfe": nfe, "grid": options.grid}
+
+    sample.__name__ = sample.__qualname__ = f"probability_flow_{method}"
+    sample.__doc__ = doc
+    return sample
+
+
+probability_flow_euler = _probability_flow_fixed_grid(
+    "euler",
+    """Euler's method on the probability-flow ODE over ``options.grid`` with ``options.steps`` steps.
+
+    Returns:
+        ``(x, {"nfe": steps, "grid": ...})``; ``generator`` is unused (deterministic).
+    """,
+)
+
+probability_flow_heun = _probability_flow_fixed_grid(
+    "heun",
+    """Heun's second-order method (EDM Algorithm 1, no churn) on the probability-flow ODE.
+
+    On the ``karras`` grid this is EDM's deterministic sampler for the
+    model's SDE (docs/methods.md §4.4): the last step, from σ(ε) to σ = 0, is
+    an Euler step, so the score is never evaluated below ε.
+
+    Returns:
+        ``(x, {"nfe": 2 · steps − 1, "grid": ...})``; ``generator`` is unused.
+    """,
+)
+
+
 class _ReverseSDE(nn.Module):
     """The reverse SDE in torchsde's forward time ``τ = 1 − t`` (diagonal Itô noise)."""
 
@@ -344,6 +401,8 @@ SCORE_SAMPLERS: Registry[Sampler] = Registry(
         "em": euler_maruyama,
         "pc": predictor_corrector,
         "ode": probability_flow_sample,
+        "euler": probability_flow_euler,
+        "heun": probability_flow_heun,
         "sdeint": sdeint_sample,
     },
 )

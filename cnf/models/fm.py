@@ -12,10 +12,14 @@ library's convention (docs/methods.md §7), so everything else is FFJORD's code:
   ``log p(x) = log N(z(1); 0, I) + ∫_0^1 ∇·v dt`` (+ the preprocessing log-det);
 * ``sample`` integrates ``z ~ N(0, I)`` from t = 1 back to t = 0.
 
-Both take :class:`~cnf.models.ffjord.ODESettings`: the solver (any torchdiffeq
+Both take :class:`FlowMatchingSettings`: the solver (any torchdiffeq
 method: ``euler``, ``midpoint``, ``rk4`` with ``steps``; ``dopri5`` with
-``rtol``/``atol``) and the divergence estimator of ``evaluate``. NFE is
-reported by the solve.
+``rtol``/``atol``) and the divergence estimator of ``evaluate``, and the
+sampler: ``ode`` (the solver) or one of the few-step samplers of
+:mod:`cnf.diffusion.ode_samplers` — ``euler`` / ``heun`` with ``steps`` on a
+``uniform`` grid in t or EDM's ``karras`` grid (σ = t/(1 − t) over [0.002, 80],
+first point at t = 1; docs/methods.md §7). NFE is reported by the solve or
+counted by the sampler (Heun: 2N − 1).
 
 Images are flattened inside the model (the MLP sees ``(B, D)``), so the model
 accepts any event shape; reflow pairs live in this flat model space (after the
@@ -30,18 +34,13 @@ References:
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from typing import Any
 
 import torch
 from torch import Tensor
 
-from cnf.diffusion.flow_matching import (
-    cfm_loss,
-    load_pairs,
-    pair_batch,
-    reflow_pairs,
-    transport_cost,
-)
+from cnf.diffusion import flow_matching, ode_samplers
 from cnf.flows.base import DiagonalNormal, Flow, FlowSettings, Reshape
 from cnf.flows.cnf import CNF
 from cnf.flows.preprocess import Preprocess
@@ -50,7 +49,37 @@ from cnf.models.ffjord import ODESettings, field_network
 from cnf.nets import TimeMLP
 from cnf.schema import FlowMatchingSchema
 
-__all__ = ["FlowMatchingModel", "build_flow_matching"]
+__all__ = ["FlowMatchingModel", "FlowMatchingSettings", "build_flow_matching"]
+
+
+@dataclass(frozen=True)
+class FlowMatchingSettings(ODESettings):
+    """The CNF's solver and trace estimator, and the sampler.
+
+    Attributes:
+        sampler: ``ode`` (the solver, as ``evaluate``) | ``euler`` | ``heun``
+            (:data:`~cnf.diffusion.ode_samplers.ODE_SAMPLERS`).
+        steps: Steps of ``euler`` / ``heun`` (a bare ``steps`` key under
+            ``ode`` sets ``solver.steps``).
+        grid: Their time grid: ``karras`` | ``uniform``.
+    """
+
+    SAMPLING_ONLY = frozenset({"sampler", "steps", "grid"})
+
+    sampler: str = ode_samplers.SOLVER_SAMPLER
+    steps: int = 10
+    grid: str = "karras"
+
+    def __post_init__(self) -> None:
+        if self.sampler != ode_samplers.SOLVER_SAMPLER:
+            ode_samplers.ODE_SAMPLERS.check(self.sampler, key="sampler")
+        ode_samplers.TIME_GRIDS.check(self.grid, key="grid")
+        if self.steps < 1:
+            raise ValueError(f"steps must be >= 1, got {self.steps}")
+
+    def route(self, changes: dict[str, Any]) -> dict[str, Any]:
+        """Solver keys select ``ode``; under ``ode`` a bare ``steps`` is the solver's."""
+        return ode_samplers.route_sampler_keys(changes, self.sampler)
 
 
 class FlowMatchingModel(ChainModel):
@@ -71,7 +100,7 @@ class FlowMatchingModel(ChainModel):
         >>> x, stats = model.sample(4, model.with_settings(method="euler", steps=5))
     """
 
-    Settings = ODESettings
+    Settings = FlowMatchingSettings
 
     def __init__(
         self,
@@ -81,14 +110,14 @@ class FlowMatchingModel(ChainModel):
         pairing: str = "rectified",
         ot_solver: str = "emd",
         sigma: float = 0.0,
-        settings: ODESettings | None = None,
+        settings: FlowMatchingSettings | None = None,
         preprocess: Preprocess | None = None,
     ):
         super().__init__()
         self.event_shape = tuple(event_shape)
         self.dim = int(torch.Size(self.event_shape).numel())
         self.pairing, self.ot_solver, self.sigma = pairing, ot_solver, float(sigma)
-        self.settings = settings or ODESettings()
+        self.settings = settings or FlowMatchingSettings()
         self.preprocess = preprocess or Preprocess()
         self.flatten = Reshape(self.event_shape, (self.dim,))
         # The learned field is a CNF from data (t = 0) to noise (t = 1).
@@ -152,12 +181,14 @@ class FlowMatchingModel(ChainModel):
         else:
             x0, _ = self.to_model_space(x)
             x1 = torch.randn_like(x0)
-            x0, x1 = pair_batch(x0, x1, pairing=self.pairing, ot_solver=self.ot_solver)
-        loss = cfm_loss(self.field, x0, x1, sigma=self.sigma).mean()
+            x0, x1 = flow_matching.pair_batch(
+                x0, x1, pairing=self.pairing, ot_solver=self.ot_solver
+            )
+        loss = flow_matching.cfm_loss(self.field, x0, x1, sigma=self.sigma).mean()
         stats = {
             "cfm": float(loss.detach()),
             # Mean ‖x0 − x1‖² of the pairs: what OT pairing minimises.
-            "transport_cost": float(transport_cost(x0, x1).mean()),
+            "transport_cost": float(flow_matching.transport_cost(x0, x1).mean()),
         }
         return LossOutput(loss, stats)
 
@@ -173,9 +204,19 @@ class FlowMatchingModel(ChainModel):
         return EvalOutput(nll=-logp, stats={"nfe": nfe})
 
     # ------------------------------------------------------------- sampling
-    def _sample(self, n: int, s: ODESettings, generator: torch.Generator | None) -> SampleOutput:
-        x, stats = self.chain_sample(n, FlowSettings(solver=s.solver), generator=generator)
-        return SampleOutput(x, {"nfe": stats.nfe_forward})
+    def _sample(
+        self, n: int, s: FlowMatchingSettings, generator: torch.Generator | None
+    ) -> SampleOutput:
+        if s.sampler == ode_samplers.SOLVER_SAMPLER:
+            x, stats = self.chain_sample(n, FlowSettings(solver=s.solver), generator=generator)
+            return SampleOutput(x, {"nfe": stats.nfe_forward})
+        # The base noise of chain_sample, then the few-step sampler from t = 1 to t = 0.
+        z = self.base.sample(
+            (n, self.dim), generator=generator, dtype=self.dtype, device=self.device
+        )
+        times = ode_samplers.fm_sampling_times(s.grid, s.steps, like=z)
+        y, nfe = ode_samplers.ODE_SAMPLERS[s.sampler](self.field, z, times)
+        return SampleOutput(self.to_data_space(y), {"nfe": nfe})
 
     @torch.no_grad()
     def reflow_pairs(
@@ -192,8 +233,14 @@ class FlowMatchingModel(ChainModel):
             ``x0``, ``x1`` of shape ``(n, D)`` and ``{"nfe": mean NFE per solve}``.
         """
         s = self._resolve(settings)
+        if s.sampler != ode_samplers.SOLVER_SAMPLER:
+            raise ValueError(
+                f"reflow pairs come from the solver (sampler=ode), got sampler={s.sampler}"
+            )
         z = torch.randn((n, self.dim), generator=generator, dtype=self.dtype, device=self.device)
-        x0, x1, stats = reflow_pairs(self.field, z, solver=s.solver, batch_size=batch_size)
+        x0, x1, stats = flow_matching.reflow_pairs(
+            self.field, z, solver=s.solver, batch_size=batch_size
+        )
         nfe = sum(st.nfe_forward for st in stats) / max(1, len(stats))
         return x0, x1, {"nfe": nfe}
 
@@ -202,7 +249,7 @@ class FlowMatchingModel(ChainModel):
             {"method": m, "steps": s} for m in ("euler", "midpoint") for s in (1, 2, 5, 10, 20)
         ]
         grid += [{"method": "dopri5", "rtol": tol, "atol": tol} for tol in (1e-2, 1e-3, 1e-4, 1e-5)]
-        return grid
+        return grid + ode_samplers.few_step_settings()
 
 
 def build_flow_matching(
@@ -211,6 +258,8 @@ def build_flow_matching(
     """Build a flow-matching model from its typed ``model:`` config section."""
     dim = int(torch.Size(tuple(event_shape)).numel())
     net = field_network(dim, cfg)
+    if not isinstance(settings, FlowMatchingSettings):
+        settings = FlowMatchingSettings(solver=settings.solver, divergence=settings.divergence)
     model = FlowMatchingModel(
         net,
         event_shape,
@@ -225,7 +274,7 @@ def build_flow_matching(
 
         load_weights(model, cfg.init_from, key="model.init_from")
     if cfg.reflow_pairs:
-        x0, x1, _ = load_pairs(cfg.reflow_pairs)
+        x0, x1, _ = flow_matching.load_pairs(cfg.reflow_pairs)
         model.set_reflow_pairs(x0.reshape(x0.shape[0], -1), x1.reshape(x1.shape[0], -1))
     return model
 
@@ -234,4 +283,4 @@ def build_flow_matching(
 def _build(
     cfg: FlowMatchingSchema, event_shape: tuple[int, ...], eval_cfg: Any
 ) -> FlowMatchingModel:
-    return build_flow_matching(cfg, event_shape, ODESettings.from_eval(eval_cfg))
+    return build_flow_matching(cfg, event_shape, FlowMatchingSettings.from_eval(eval_cfg))

@@ -35,6 +35,7 @@ from torch import Tensor
 
 from cnf.diffusion.likelihood import CORRECTIONS, probability_flow_nll
 from cnf.diffusion.nets import IMAGE_NETS, SCORE_NETS, ScoreNetwork
+from cnf.diffusion.ode_samplers import TIME_GRIDS, few_step_settings, route_sampler_keys
 from cnf.diffusion.samplers import SCORE_SAMPLERS, SDE_METHODS, SamplerOptions
 from cnf.diffusion.score import decoder_constant, dsm_loss, nelbo, prior_kl
 from cnf.diffusion.sde import SDES, LinearSDE
@@ -46,11 +47,6 @@ from cnf.solve import SolverConfig
 
 __all__ = ["ScoreModel", "ScoreSettings", "build_score", "build_score_network"]
 
-# Keys that mean "the probability-flow ODE": given without a sampler, they select it.
-_ODE_KEYS = frozenset(
-    {"method", "name", "solver.name", "rtol", "atol", "tol", "adjoint", "max_steps", "seminorm"}
-)
-
 
 @dataclass(frozen=True)
 class ScoreSettings:
@@ -60,7 +56,9 @@ class ScoreSettings:
         solver: ODE solver of the probability-flow likelihood and of the ``ode`` sampler.
         divergence: Trace estimator of the likelihood.
         sampler: One of :data:`~cnf.diffusion.samplers.SCORE_SAMPLERS`.
-        steps: Steps of the SDE samplers (``em``, ``pc``, ``sdeint``).
+        steps: Steps of the SDE samplers (``em``, ``pc``, ``sdeint``) and of
+            the few-step ODE samplers (``euler``, ``heun``).
+        grid: Time grid of ``euler`` and ``heun``: ``karras`` (EDM, ρ = 7) | ``uniform``.
         snr, corrector_steps: The ``pc`` sampler's Langevin corrector.
         sde_method: The ``sdeint`` sampler's torchsde method.
         nelbo_samples: Time samples per point of the NELBO (0: no NELBO).
@@ -68,6 +66,8 @@ class ScoreSettings:
     """
 
     ALIASES = {"method": ("solver.name",)}
+    # Fields that change samples only, never evaluate()'s numbers (cnf.cost reuses evaluations).
+    SAMPLING_ONLY = frozenset({"sampler", "steps", "grid", "snr", "corrector_steps", "sde_method"})
 
     solver: SolverConfig = field(default_factory=SolverConfig)
     divergence: DivergenceConfig = field(default_factory=lambda: DivergenceConfig("exact"))
@@ -78,9 +78,11 @@ class ScoreSettings:
     sde_method: str = "euler"
     nelbo_samples: int = 8
     correction: str = "truncate"
+    grid: str = "karras"
 
     def __post_init__(self) -> None:
         SCORE_SAMPLERS.check(self.sampler, key="sampler")
+        TIME_GRIDS.check(self.grid, key="grid")
         SDE_METHODS.check(self.sde_method, key="sde_method")
         CORRECTIONS.check(self.correction, key="correction")
         if self.nelbo_samples < 0:
@@ -88,11 +90,7 @@ class ScoreSettings:
 
     def route(self, changes: dict[str, Any]) -> dict[str, Any]:
         """ODE keys without a sampler select the ``ode`` sampler; its ``steps`` are the solver's."""
-        if "sampler" not in changes and _ODE_KEYS & set(changes):
-            changes["sampler"] = "ode"
-        if changes.get("sampler", self.sampler) == "ode" and "steps" in changes:
-            changes["solver.steps"] = changes.pop("steps")
-        return changes
+        return route_sampler_keys(changes, self.sampler)
 
     def sampler_options(self) -> SamplerOptions:
         return SamplerOptions(
@@ -101,6 +99,7 @@ class ScoreSettings:
             snr=self.snr,
             corrector_steps=self.corrector_steps,
             sde_method=self.sde_method,
+            grid=self.grid,
         )
 
 
@@ -240,7 +239,7 @@ class ScoreModel(GenerativeModel):
         grid += [{"sampler": "ode", "method": "rk4", "steps": s} for s in (5, 20)]
         grid += [{"sampler": "em", "steps": s} for s in (10, 100, 1000)]
         grid += [{"sampler": "pc", "steps": s} for s in (10, 100)]
-        return grid
+        return grid + few_step_settings()
 
 
 # ------------------------------------------------------------------ config
@@ -286,14 +285,13 @@ def build_score_network(
 
 def score_settings(cfg: ScoreSchema, eval_cfg: Any) -> ScoreSettings:
     """The default settings of a score (or INDM) model from its config and ``eval:`` section."""
+    # model.sampler.{steps, snr, ...} are the settings of the same names.
+    options = ("steps", "snr", "corrector_steps", "sde_method", "grid")
     return ScoreSettings(
         solver=eval_cfg.solver.build(),
         divergence=eval_cfg.divergence.build(),
         sampler=cfg.sampler.name,
-        steps=cfg.sampler.steps,
-        snr=cfg.sampler.snr,
-        corrector_steps=cfg.sampler.corrector_steps,
-        sde_method=cfg.sampler.sde_method,
+        **{k: getattr(cfg.sampler, k) for k in options},
         nelbo_samples=cfg.nelbo_samples,
         correction=cfg.nll_correction,
     )
