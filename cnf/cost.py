@@ -17,7 +17,16 @@ interface — and report, per setting:
 * sample quality with the sampler's NFE and wall time: unbiased MMD² to
   held-out test data (kernel :data:`MMD_KERNEL`), and where the data density
   is known (8gaussians, checkerboard) the mean exact data log-density of the
-  samples and the fraction of samples in the data's support.
+  samples and the fraction of samples in the data's support;
+* for image models given a :class:`~cnf.quality.SampleQuality`, FD and KID
+  of the setting's samples against the training set (``fid``, ``kid``,
+  ``kid_stderr``, ``fid_nfe``, ...; docs/methods.md §8.5), with the test
+  images' own FD/KID as the floor (``fid_data``, ``kid_data``).
+
+Settings that differ only in fields their ``Settings`` class declares
+``SAMPLING_ONLY`` (a sampler, its steps and grid) share one evaluation: with
+the same seed it would give identical numbers, so it is computed once and the
+record names the setting it came from (``eval_reused_from``).
 
 **Common random numbers.** Before each setting the global RNG is forked and
 seeded with ``seed`` (Hutchinson probes, dequantisation noise, SDE noise
@@ -37,6 +46,7 @@ Example:
 from __future__ import annotations
 
 import itertools
+import json
 import math
 from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
@@ -58,6 +68,8 @@ from cnf.evaluation import (
 )
 from cnf.metrics import mean_stderr
 from cnf.models.base import GenerativeModel
+from cnf.quality import SampleQuality
+from cnf.settings import describe
 
 __all__ = [
     "CostGridError",
@@ -65,6 +77,7 @@ __all__ = [
     "check_cost_grid",
     "cost_curve",
     "describe_setting",
+    "evaluation_key",
     "load_cost_grid",
     "normalize_cost_grid",
     "parse_cost_grid",
@@ -84,6 +97,7 @@ examples:
   "dopri5:rtol=1e-3:atol=1e-5,1e-7"
   "default;euler:steps=1,2,4,8"
   "sampler=em:steps=10,20,50"      (SDE-based families)
+  "sampler=heun:grid=karras,uniform:steps=5,10"   (few-step ODE samplers: score, INDM, fm)
 YAML grid file: a list of mappings, e.g.  - {method: dopri5, rtol: 1.0e-3, atol: 1.0e-3}"""
 
 
@@ -293,6 +307,18 @@ def check_cost_grid(model: GenerativeModel, settings: Sequence[Any], data: Datas
             ) from None
 
 
+def evaluation_key(settings: Any) -> str | None:
+    """The settings that ``evaluate`` reads, as a string: equal keys give equal evaluations.
+
+    None when the settings class does not declare ``SAMPLING_ONLY`` fields.
+    """
+    sampling_only = getattr(type(settings), "SAMPLING_ONLY", None)
+    if sampling_only is None:
+        return None
+    read = {k: v for k, v in describe(settings).items() if k.split(".")[0] not in sampling_only}
+    return json.dumps(read, sort_keys=True, default=str)
+
+
 # --------------------------------------------------------------------- the grid
 def cost_curve(
     model: GenerativeModel,
@@ -305,6 +331,7 @@ def cost_curve(
     seed: int = 1234,
     check: bool = True,
     progress: Callable[[str], None] | None = None,
+    quality: SampleQuality | None = None,
 ) -> list[dict[str, Any]]:
     """Evaluate ``model`` over a grid of cost settings (see the module docstring).
 
@@ -321,6 +348,8 @@ def cost_curve(
         check: Try every setting on two points first (:func:`check_cost_grid`;
             also the warm-up before timing).
         progress: Called with one line per finished setting.
+        quality: FD/KID of each setting's samples (image data; its
+            ``config.num_samples`` samples, drawn with ``seed``).
 
     Returns:
         One flat JSON-ready dict per setting (keys documented in
@@ -331,7 +360,9 @@ def cost_curve(
         ``sample_seconds``, ``sample_mmd2``, ``sample_data_logp``,
         ``sample_support_fraction``, ``sample_finite_fraction``, ``floor``/``gap``
         (+ stderr) and ``entropy`` where the data density is known, and the
-        sizes, seed, kernel and units.
+        sizes, seed, kernel and units; with ``quality`` the keys of
+        :meth:`~cnf.quality.SampleQuality.record`; ``eval_reused_from`` where
+        the evaluation is another setting's (module docstring).
 
     Raises:
         CostGridError: a setting the model rejects (checked before any timing).
@@ -347,8 +378,18 @@ def cost_curve(
 
     records: list[dict[str, Any]] = []
     objectives: list[Tensor] = []
+    evaluated: dict[str, tuple[Any, str]] = {}  # evaluation key -> (evaluation, label)
     for setting, settings in zip(grid, typed):
-        ev = evaluate_points(model, test, data, settings=settings, batch_size=batch_size, seed=seed)
+        key = evaluation_key(settings)
+        if key is not None and key in evaluated:
+            ev, reused_from = evaluated[key]
+        else:
+            ev = evaluate_points(
+                model, test, data, settings=settings, batch_size=batch_size, seed=seed
+            )
+            reused_from = None
+            if key is not None:
+                evaluated[key] = (ev, describe_setting(setting))
         objective = "nll" if ev.nll is not None else "nelbo"
         if getattr(ev, objective) is None:
             raise CostGridError(f"{type(model).__name__}.evaluate returned neither nll nor nelbo")
@@ -364,6 +405,8 @@ def cost_curve(
         rec.update({k: v for k, v in summary.items() if k != "nfe"})
         rec["eval_nfe"] = ev.nfe
         rec["eval_seconds"] = ev.seconds
+        if reused_from is not None:
+            rec["eval_reused_from"] = reused_from
         objectives.append(getattr(ev, objective))
         if num_samples > 0:
             samples, nfe, seconds = draw_samples(model, num_samples, settings=settings, seed=seed)
@@ -374,6 +417,8 @@ def cost_curve(
                 mmd_kernel=MMD_KERNEL,
             )
             rec.update(sample_statistics(samples, data, reference=reference))
+        if quality is not None:
+            rec.update(quality.record(model, settings=settings, seed=seed))
         records.append(rec)
         if progress is not None:
             progress(_progress_line(rec))
@@ -400,4 +445,8 @@ def _progress_line(rec: Mapping[str, Any]) -> str:
         if "sample_mmd2" in rec:
             line += f"  mmd2 {rec['sample_mmd2']:.2e}"
         line += f"  {rec['sample_seconds']:.2f}s"
+    if "fid" in rec:
+        nfe = rec.get("fid_nfe")
+        line += f" | FD {rec['fid']:.3f}  KID {rec['kid']:.4f}"
+        line += f"  nfe {'—' if nfe is None else f'{nfe:g}'}  {rec['fid_seconds']:.2f}s"
     return line

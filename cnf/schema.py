@@ -39,6 +39,7 @@ __all__ = [
     "DataSchema",
     "DivergenceSchema",
     "EvalSchema",
+    "FIDSchema",
     "PreprocessSchema",
     "SolverSchema",
     "TrackSchema",
@@ -308,16 +309,18 @@ class FlowMatchingSchema:
 
 @dataclass
 class SamplerSchema:
-    """Default sampler of a score model: ``{name: ode | em | pc | sdeint, steps, ...}``."""
+    """Default sampler of a score model: ``{name: ode | em | pc | sdeint | euler | heun, steps, ...}``."""
 
     name: str = "ode"
-    steps: int = 500  # em / pc / sdeint steps
+    steps: int = 500  # em / pc / sdeint / euler / heun steps
     snr: float = 0.16  # pc: Langevin signal-to-noise ratio
     corrector_steps: int = 1  # pc: Langevin steps per time step
     sde_method: str = "euler"  # sdeint: torchsde method
+    grid: str = "karras"  # euler / heun: karras (EDM, rho = 7) | uniform
 
     def __post_init__(self) -> None:
         _check("SCORE_SAMPLERS", "name", self.name)
+        _check("TIME_GRIDS", "grid", self.grid)
         _check("SDE_METHODS", "sde_method", self.sde_method)
         _positive(steps=self.steps, snr=self.snr)
         _non_negative(corrector_steps=self.corrector_steps)
@@ -493,6 +496,31 @@ class TrainSchema:
 
 
 @dataclass
+class FIDSchema:
+    """Sample quality of image models in ``final.json``: FD (FID) and KID (docs/methods.md §8.5).
+
+    ``features``: null (off), ``digits`` (the offline digits classifier) or
+    the path of a TorchScript feature network such as ``inception-2015-12-05.pt``.
+    """
+
+    features: str | None = None
+    num_samples: int = 50_000  # samples of the model (FID-50k; fewer on a CPU)
+    batch_size: int = 0  # samples per model.sample call; 0 = eval.batch_size
+    kid_subsets: int = 100
+    kid_subset_size: int = 1000
+
+    def __post_init__(self) -> None:
+        if self.features is not None and not str(self.features).strip():
+            raise ValueError("features: must be null, digits or the path of a TorchScript file")
+        _non_negative(batch_size=self.batch_size)
+        if self.num_samples < 2 or self.kid_subsets < 1 or self.kid_subset_size < 2:
+            raise ValueError(
+                "num_samples: needs num_samples >= 2, kid_subsets >= 1 and kid_subset_size >= 2, "
+                f"got {self.num_samples}, {self.kid_subsets}, {self.kid_subset_size}"
+            )
+
+
+@dataclass
 class EvalSchema:
     """Evaluation settings (the only keys ``experiments/evaluate.py`` may change)."""
 
@@ -504,6 +532,7 @@ class EvalSchema:
     num_samples: int = 5000  # samples drawn for plots and sample statistics
     seed: int = 1234  # probes and base noise at evaluation: common across runs and settings
     plots: bool = True
+    fid: FIDSchema = field(default_factory=FIDSchema)  # image data: FD / KID in final.json
 
     def __post_init__(self) -> None:
         _positive(batch_size=self.batch_size)
@@ -546,6 +575,14 @@ class Config:
     def __post_init__(self) -> None:
         _check("DEVICES", "device", self.device.split(":")[0])
         _check("DTYPES", "dtype", self.dtype)
+        if (
+            self.eval.fid.features is not None
+            and _registry("DATASETS")[self.data.name].kind != "image"
+        ):
+            raise ValueError(
+                f"eval.fid.features: FD/KID need an image data set, data.name={self.data.name} "
+                "is not one (set eval.fid.features=null)"
+            )
 
 
 # -------------------------------------------------------------------- sweeps
@@ -605,6 +642,11 @@ class RowSchema:
     seeds: list[int] | None = None  # expected seeds: absent ones are listed as missing
     keys: dict[str, str] = field(default_factory=dict)  # metric key -> final.json key
     note: str | None = None
+    source: str = "final"  # final (final.json) | cost_curve (RUN_DIR/cost_curve*/ records)
+
+    def __post_init__(self) -> None:
+        if self.source not in ("final", "cost_curve"):
+            raise ValueError(f"source: unknown value {self.source!r}; valid: cost_curve, final")
 
 
 @dataclass

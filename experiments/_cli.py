@@ -15,11 +15,12 @@ import warnings  # noqa: E402
 
 from cnf.config import ConfigError  # noqa: E402
 from cnf.data import DataError  # noqa: E402
+from cnf.quality import FeatureError  # noqa: E402
 from cnf.rundir import RunFolderError  # noqa: E402
 from cnf.settings import SettingsError  # noqa: E402
 from cnf.train.loop import NonFiniteError  # noqa: E402
 
-USER_ERRORS = (ConfigError, DataError, RunFolderError, SettingsError)
+USER_ERRORS = (ConfigError, DataError, FeatureError, RunFolderError, SettingsError)
 
 
 def _one_line_warning(message, category, filename, lineno, file=None, line=None):  # noqa: ANN001, ANN202
@@ -49,6 +50,35 @@ def run_main(main: Callable[[], int | None]) -> None:
     except KeyboardInterrupt:
         fail("interrupted", 130)
     sys.exit(code or 0)
+
+
+def split_overrides(overrides: list[str]) -> tuple[list[str], dict[str, Any]]:
+    """Config overrides (``eval.solver.rtol=1e-7``) and flat sampling-settings keys (``sampler=heun``).
+
+    A key whose first part is a section of the run config (``eval``, ``model``,
+    ``device``, ...) changes the config; any other key (``sampler``, ``steps``,
+    ``grid``, ``method``, ``solver.rtol``, ...) is a setting of the model's
+    typed ``Settings``, as in a cost grid (values typed as there).
+    """
+    import dataclasses
+
+    from cnf.cost import normalize_cost_grid
+    from cnf.schema import Config
+
+    sections = {f.name for f in dataclasses.fields(Config)}
+    config: list[str] = []
+    settings: dict[str, Any] = {}
+    for o in overrides:
+        key, sep, value = o.partition("=")
+        if not sep or not key.strip():
+            raise ConfigError(f"override '{o}' must be key=value")
+        if key.strip().split(".")[0] in sections:
+            config.append(o)
+        else:
+            settings[key.strip()] = value.strip()
+    if settings:
+        settings = normalize_cost_grid([settings], source="sampling settings")[0]
+    return config, settings
 
 
 def install_stop_handlers(request_stop: Callable[[str], None]) -> None:

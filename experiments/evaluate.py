@@ -4,7 +4,8 @@
 
 Overrides change evaluation only — ``eval.*`` (e.g. ``eval.solver.rtol=1e-7``,
 ``eval.divergence.name=hutchinson``, ``eval.divergence.num_probes=4``),
-``device`` and ``data.test_size``; any other key (``train.lr``,
+``device`` and ``data.test_size``; ``eval.fid.features=digits|PATH`` adds the
+FD / KID of ``eval.fid.num_samples`` samples (image data); any other key (``train.lr``,
 ``model.hidden_dims``, ...) would describe another model and is refused with
 one ``error:`` line (exit 2). Prints the metrics as JSON and appends them, with
 the full settings that produced them (solver, tolerances or steps,
@@ -28,6 +29,7 @@ from cnf.evaluation import (
     settings_record,
     summarize,
 )
+from cnf.quality import SampleQuality
 from cnf.rundir import RunDir, load_run
 
 
@@ -55,6 +57,9 @@ def main() -> int:
         samples, nfe, _ = draw_samples(run.model, cfg.eval.num_samples, seed=cfg.eval.seed)
         out["sample_nfe"] = nfe
         out.update(sample_statistics(samples, run.data))
+    if cfg.eval.fid.features is not None:  # FD / KID of image samples, as in final.json
+        quality = SampleQuality.for_eval(run.data, cfg.eval, device=run.model.device)
+        out.update(quality.record(run.model, seed=cfg.eval.seed))
     out["eval_seconds"] = time.perf_counter() - t0
     out["eval"] = settings_record(
         run.model.settings,

@@ -16,6 +16,7 @@ import numpy as np
 import torch
 
 from cnf.evaluation import MMD_KERNEL
+from cnf.quality import image_grid
 from cnf.tables import STATUS_FOOTNOTES, Cell, Metric, Table  # noqa: F401 - STATUS_FOOTNOTES re-exported
 
 __all__ = [
@@ -140,24 +141,25 @@ def save_image_grid(
     """Save up to ``nrows × ncols`` images ``(N, *)`` with values in ``[0, 1]`` as one PNG grid.
 
     ``image_shape`` is ``(C, H, W)`` (C = 1 grey, 3 RGB); values are clipped to
-    ``[0, 1]`` (model samples can leave the data range slightly).
+    ``[0, 1]`` (model samples can leave the data range slightly). Tiled by
+    :func:`cnf.quality.image_grid`; ``title`` may have several lines.
     """
     plt = _pyplot()
     c, h, w = image_shape
     nrows = nrows or ncols
     imgs = np.clip(np.asarray(images, dtype=np.float64)[: ncols * nrows], 0, 1)
-    imgs = imgs.reshape(-1, c, h, w).transpose(0, 2, 3, 1)
-    rows = max(1, -(-len(imgs) // ncols))
-    grid = np.ones((rows * (h + 1) + 1, ncols * (w + 1) + 1, c))
-    for k, img in enumerate(imgs):
-        r, q = divmod(k, ncols)
-        grid[1 + r * (h + 1) : 1 + r * (h + 1) + h, 1 + q * (w + 1) : 1 + q * (w + 1) + w] = img
-    fig, ax = plt.subplots(figsize=(max(2.0, ncols * 0.6), max(2.0, rows * 0.6) + 0.3), dpi=120)
+    imgs = imgs.reshape(-1, c, h, w)
+    grid = image_grid(imgs, max(1, -(-len(imgs) // ncols)), ncols, pad=1)
+    gh, gw = grid.shape[:2]
+    lines = title.count("\n") + 1 if title else 0
+    fig, ax = plt.subplots(
+        figsize=(max(3.0, gw / 12), max(3.0 * gh / gw, gh / 12) + 0.18 * lines), dpi=120
+    )
     ax.imshow(grid[..., 0] if c == 1 else grid, cmap="gray" if c == 1 else None, vmin=0, vmax=1)
     ax.set_axis_off()
     if title:
-        ax.set_title(title, fontsize=7)
-    fig.tight_layout(pad=0.1)
+        ax.set_title(title, fontsize=8)
+    fig.tight_layout(pad=0.2)
     fig.savefig(path)
     plt.close(fig)
 
@@ -171,6 +173,13 @@ def _num(v: Any, digits: int = 3, *, sci: bool = False) -> str:
     if digits == 0:
         return f"{v:.0f}" if float(v).is_integer() else f"{v:.1f}"
     return f"{v:.{digits}f}"
+
+
+def _fid_cells(r: Mapping[str, Any]) -> str:
+    if "fid" not in r:
+        return "— | — | —"
+    kid = f"{r['kid']:.2e} ± {r['kid_stderr']:.1e}"
+    return f"{_num(r['fid'], 3)} | {kid} | {_num(r.get('fid_nfe'), 0)}"
 
 
 def _nelbo_cell(r: Mapping[str, Any]) -> str:
@@ -192,12 +201,14 @@ def cost_curve_markdown(records: Iterable[Mapping[str, Any]]) -> str:
     # Models with an NLL and a bound (score SDEs, INDM) also show the NELBO.
     with_nelbo = any(r["objective"] == "nll" and r.get("nelbo") is not None for r in records)
     with_gap = any(r.get("gap") is not None for r in records)
+    with_fid = any("fid" in r for r in records)
     head = (
         "| model | setting | objective | value (nats) | Δ vs ref | "
         + ("gap to floor | " if with_gap else "")
         + ("NELBO (nats) | " if with_nelbo else "")
         + ("bits/dim | " if with_bpd else "")
         + "eval NFE | eval s | MMD² | data log p | in support | sample NFE | sample s |"
+        + (" FD | KID | FD NFE |" if with_fid else "")
     )
     lines = [head, "|" + "---|" * head.count(" | ") + "---|"]
     for r in records:
@@ -228,6 +239,7 @@ def cost_curve_markdown(records: Iterable[Mapping[str, Any]]) -> str:
                     _num(r.get("sample_support_fraction"), 3),
                     _num(r.get("sample_nfe"), 0),
                     _num(r.get("sample_seconds"), 2),
+                    *([_fid_cells(r)] if with_fid else []),
                 ]
             )
             + " |"
@@ -247,6 +259,23 @@ def cost_curve_markdown(records: Iterable[Mapping[str, Any]]) -> str:
         "in support = fraction of samples where the data density is positive "
         "(— where the density is unknown).",
     ]
+    if with_fid:
+        floors = {
+            (r["fid_info"]["features"], r.get("fid_data"), r.get("kid_data"))
+            for r in records
+            if "fid_info" in r
+        }
+        first_fid = next(r for r in records if "fid" in r)
+        notes.append(
+            f"FD / KID: Fréchet distance and kernel inception distance (± its standard error) of "
+            f"{first_fid['fid_num_samples']} samples per setting against the training set "
+            "(docs/methods.md §8.5), same noise for every setting; FD NFE: the sampler's mean NFE. "
+            + "; ".join(
+                f"{f} features: test images score FD {_num(fd, 3)}, KID {_num(kd, sci=True)}"
+                for f, fd, kd in sorted(floors, key=str)
+            )
+            + " (the floor)."
+        )
     conventions = sorted({r["bpd_convention"] for r in records if "bpd_convention" in r})
     notes += [f"Bits/dim: {c}." for c in conventions]
     first = records[0] if records else {}
@@ -265,9 +294,12 @@ def plot_cost_curve(
 
     One row of panels per data set (``record["dataset"]``), one colour per
     model (``record["model"]``), one line per model and solver family
-    (``method``/``sampler`` of the setting), points sorted by NFE. The data
-    floor (the test points' own mean −log p_data, the best a model can score on
-    them) is drawn as a dashed line where the data density is known.
+    (``method``/``sampler`` of the setting, with its ``grid``), points sorted
+    by NFE. The data floor (the test points' own mean −log p_data, the best a
+    model can score on them) is drawn as a dashed line where the data density
+    is known. Image data: bits/dim instead of nats, and FD of the samples
+    (``fid``, against ``fid_nfe``) instead of MMD², with the test images' own
+    FD (``fid_data``) as the dashed floor.
     """
     import matplotlib.ticker
 
@@ -286,6 +318,13 @@ def plot_cost_curve(
         ax_l, ax_s = axes[row]
         rows = [r for r in records if r.get("dataset") == dataset]
         objectives = sorted({r["objective"] for r in rows})
+        bpd = all("bpd" in r for r in rows)
+        fid = any("fid" in r for r in rows)
+
+        def y_left(r: Mapping[str, Any], bpd: bool = bpd) -> tuple[float, float]:
+            key = "bpd" if bpd else r["objective"]
+            return r[key], r[f"{key}_stderr"]
+
         for mi, model in enumerate(models):
             for gi, group in enumerate(groups):
                 pts = [r for r in rows if str(r.get("model", "")) == model]
@@ -301,43 +340,37 @@ def plot_cost_curve(
                 if ev:
                     seen[label] = ax_l.errorbar(
                         [r["eval_nfe"] for r in ev],
-                        [r[r["objective"]] for r in ev],
-                        yerr=[r[f"{r['objective']}_stderr"] for r in ev],
+                        [y_left(r)[0] for r in ev],
+                        yerr=[y_left(r)[1] for r in ev],
                         color=color,
                         ls=ls,
                         marker=marker,
                         ms=4,
                         capsize=2,
                     )
+                x_key, y_key = ("fid_nfe", "fid") if fid else ("sample_nfe", "sample_mmd2")
                 sq = sorted(
-                    (r for r in pts if r.get("sample_nfe") is not None and "sample_mmd2" in r),
-                    key=lambda r: r["sample_nfe"],
+                    (r for r in pts if r.get(x_key) is not None and y_key in r),
+                    key=lambda r: r[x_key],
                 )
                 if sq:
                     (line,) = ax_s.plot(
-                        [r["sample_nfe"] for r in sq],
-                        [r["sample_mmd2"] for r in sq],
+                        [r[x_key] for r in sq],
+                        [r[y_key] for r in sq],
                         color=color,
                         ls=ls,
                         marker=marker,
                         ms=4,
                     )
                     seen.setdefault(label, line)
-        floors = {round(r["floor"], 6) for r in rows if r.get("floor") is not None}
-        for h in sorted(floors):
-            ax_l.axhline(h, color="grey", ls="--", lw=0.8)
-            ax_l.annotate(
-                "floor: −log p_data of the test points",
-                (0.01, h),
-                xycoords=("axes fraction", "data"),
-                fontsize=7,
-                color="grey",
-                va="bottom",
-            )
+        _floor_lines(ax_l, rows, "floor", "floor: −log p_data of the test points")
         where = f"{dataset}: " if dataset else ""
         ax_l.set_xscale("log")
         ax_l.set_xlabel("NFE (evaluation, per batch)")
-        ax_l.set_ylabel(" / ".join(o.upper() for o in objectives) + " (nats, test)")
+        ax_l.set_ylabel(
+            " / ".join(o.upper() for o in objectives)
+            + (" bits/dim (test)" if bpd else " (nats, test)")
+        )
         ax_l.set_title(f"{where}likelihood vs cost", fontsize=10)
         ax_s.set_xscale("log")
         ticks = matplotlib.ticker.FuncFormatter(lambda v, _: f"{v:g}")
@@ -345,12 +378,19 @@ def plot_cost_curve(
             ax.xaxis.set_major_formatter(ticks)
             ax.xaxis.set_minor_formatter(matplotlib.ticker.NullFormatter())
             ax.grid(alpha=0.3, which="both")
-        # Unbiased MMD² can be slightly negative: symlog keeps zero and small values visible.
-        ax_s.set_yscale("symlog", linthresh=1e-4)
-        ax_s.axhline(0.0, color="grey", lw=0.6)
         ax_s.set_xlabel("NFE (sampling)")
-        ax_s.set_ylabel("MMD² to test data")
-        ax_s.set_title(f"{where}sample quality vs cost (RBF σ = 0.1, 0.5, 1, 2)", fontsize=10)
+        if fid:
+            features = sorted({str(r["fid_info"]["features"]) for r in rows if "fid_info" in r})
+            _floor_lines(ax_s, rows, "fid_data", "test images vs training set")
+            ax_s.set_yscale("log")
+            ax_s.set_ylabel(f"FD to training set ({', '.join(features)} features)")
+            ax_s.set_title(f"{where}sample quality vs cost", fontsize=10)
+        else:
+            # Unbiased MMD² can be slightly negative: symlog keeps zero and small values visible.
+            ax_s.set_yscale("symlog", linthresh=1e-4)
+            ax_s.axhline(0.0, color="grey", lw=0.6)
+            ax_s.set_ylabel("MMD² to test data")
+            ax_s.set_title(f"{where}sample quality vs cost (RBF σ = 0.1, 0.5, 1, 2)", fontsize=10)
     if seen:
         fig.legend(
             list(seen.values()), list(seen), loc="lower center", ncol=min(4, len(seen)), fontsize=7
@@ -365,10 +405,25 @@ def plot_cost_curve(
     plt.close(fig)
 
 
+def _floor_lines(ax: Any, rows: Sequence[Mapping[str, Any]], key: str, text: str) -> None:
+    """A dashed, labelled horizontal line at each distinct value of ``key`` in ``rows``."""
+    for h in sorted({round(r[key], 6) for r in rows if r.get(key) is not None}):
+        ax.axhline(h, color="grey", ls="--", lw=0.8)
+        ax.annotate(
+            text,
+            (0.01, h),
+            xycoords=("axes fraction", "data"),
+            fontsize=7,
+            color="grey",
+            va="bottom",
+        )
+
+
 def _group(setting: Mapping[str, Any]) -> str:
     for key in ("method", "sampler"):
         if key in setting:
-            return str(setting[key])
+            grid = f" {setting['grid']}" if "grid" in setting else ""
+            return f"{setting[key]}{grid}"
     return "default" if not setting else "other"
 
 

@@ -164,6 +164,11 @@ def train(cfg, info: distributed.DistInfo) -> int:
         world_size=info.world_size,
         log=print if info.is_main else (lambda _msg: None),
     )
+    if cfg.eval.fid.features is not None and info.is_main:
+        # A wrong feature network fails now, not after training (one error line).
+        from cnf.quality import build_features
+
+        build_features(cfg.eval.fid.features, device=trainer.device).check(trainer.data.image_shape)
     # Every rank has looked at the run folder before rank 0 writes to it.
     distributed.barrier()
     trainer.prepare()
@@ -231,6 +236,13 @@ def format_final(final: dict) -> str:
         )
     if "test_bpd" in final:
         lines.append(f"test bits/dim {final['test_bpd']:.4f}")
+    if "fid" in final:
+        info = final["fid_info"]
+        lines.append(
+            f"samples: FD {final['fid']:.3f}, KID {final['kid']:.4f} ± {final['kid_stderr']:.4f} "
+            f"({info['features']} features, {final['fid_num_samples']} samples, "
+            f"{_cost(final.get('fid_nfe'))}); test images: FD {final.get('fid_data', float('nan')):.3f}"
+        )
     if "sample_mmd2" in final:
         lines.append(
             f"samples: MMD² to test {final['sample_mmd2']:.5f} ({_cost(final.get('sample_nfe'))})"

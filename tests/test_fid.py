@@ -525,9 +525,123 @@ def test_flow_matching_sigma_time_conversions() -> None:
     assert float(sigma_to_fm_time(torch.tensor(80.0))) == pytest.approx(80 / 81)
 
 
+# ------------------------------------------- few-step samplers in the families
+def count_calls(module: torch.nn.Module) -> list[int]:
+    """A counter of ``module``'s forward calls (one entry per call)."""
+    calls: list[int] = []
+    module.register_forward_hook(lambda *_: calls.append(1))
+    return calls
+
+
+@pytest.mark.parametrize("family", ["score", "indm", "fm"])
+def test_few_step_samplers_count_network_calls_exactly(family: str) -> None:
+    from conftest import build_family
+
+    if family == "fm":
+        model = build_family("fm", {"hidden_dims": [8]}, (3,)).to(F64)
+        net = model.field
+    else:
+        section = {"net": {"name": "mlp", "hidden_dims": [8]}}
+        if family == "indm":
+            section["flow"] = {"name": "identity"}
+        model = build_family(family, section, (3,)).to(F64)
+        net = model.latent.score if family == "indm" else model.score
+    calls = count_calls(net)
+    for sampler, grid in [("heun", "karras"), ("heun", "uniform"), ("euler", "karras")]:
+        for steps in (1, 2, 5, 10):
+            calls.clear()
+            x, stats = model.sample(4, {"sampler": sampler, "grid": grid, "steps": steps})
+            expected = 2 * steps - 1 if sampler == "heun" else steps
+            assert stats["nfe"] == len(calls) == expected, (sampler, grid, steps)
+            assert x.shape == (4, 3) and bool(torch.isfinite(x).all())
+    # A bare ``steps`` with a solver key stays the solver's, as before.
+    s = model.with_settings(method="rk4", steps=3)
+    assert s.sampler == "ode" and s.solver.steps == 3
+    calls.clear()
+    assert model.sample(2, s)[1]["nfe"] == len(calls) == 12
+    with pytest.raises(ValueError, match="unknown time grid 'edm'"):
+        model.with_settings(sampler="heun", grid="edm")
+
+
+def gaussian_vp_case() -> tuple[VPSDE, callable, Tensor, Tensor]:
+    """Data N(μ, s² I) under the VP SDE: exact score and exact probability-flow map x(1) → x(0).
+
+    ``p_t = N(m μ, v(t) I)`` with ``v = m² s² + σ²``; the flow is affine,
+    ``x(t) = m(t) μ + √(v(t)/v(1)) (x(1) − m(1) μ)``, so ``x(0) = μ + s (x(1) − m(1) μ)/√v(1)``.
+    """
+    sde, mu, s = VPSDE(), 0.7, 0.3
+
+    def score(t: Tensor, x: Tensor) -> Tensor:
+        m, sigma = sde.marginal(t)
+        return -(x - m[:, None] * mu) / ((m * s) ** 2 + sigma**2)[:, None]
+
+    x1 = torch.randn(64, 2, dtype=F64, generator=torch.Generator().manual_seed(0))
+    m1, sigma1 = sde.marginal(torch.tensor(1.0, dtype=F64))
+    return sde, score, x1, mu + s * (x1 - m1 * mu) / torch.sqrt((m1 * s) ** 2 + sigma1**2)
+
+
+def test_heun_karras_converges_at_second_order_on_gaussian_data() -> None:
+    from cnf.diffusion.samplers import SamplerOptions, probability_flow_euler, probability_flow_heun
+
+    sde, score, x1, exact = gaussian_vp_case()
+
+    def err(fn, steps: int, grid: str) -> float:
+        x, info = fn(score, sde, x1, SamplerOptions(steps=steps, grid=grid))
+        assert info["nfe"] == (2 * steps - 1 if fn is probability_flow_heun else steps)
+        return float((x - exact).abs().max())
+
+    steps = [32, 64, 128, 256]
+    heun_err = [err(probability_flow_heun, n, "karras") for n in steps]
+    euler_err = [err(probability_flow_euler, n, "karras") for n in steps]
+    for e, order in ((heun_err, 4.0), (euler_err, 2.0)):
+        ratios = [e[i] / e[i + 1] for i in range(len(e) - 1)]
+        assert all(abs(r - order) < 0.15 * order for r in ratios), ratios
+    # At equal NFE (Heun N steps = 2N − 1 evaluations) Heun + EDM grid beats Euler on either
+    # grid once the steps resolve the flow (at 8 Heun steps, 15 NFE, it does not yet here).
+    for n in (16, 32, 64):
+        heun = err(probability_flow_heun, n, "karras")
+        assert heun < err(probability_flow_euler, 2 * n, "uniform")
+        assert heun < err(probability_flow_euler, 2 * n, "karras")
+
+
+def test_flow_matching_heun_on_gaussian_data() -> None:
+    from cnf.models.fm import FlowMatchingModel
+
+    mu, s = 0.7, 0.3
+
+    class GaussianVelocity(torch.nn.Module):
+        """E[x1 − x0 | x_t] for x0 ~ N(μ, s²), x1 ~ N(0, 1) (independent): an affine field."""
+
+        def __init__(self) -> None:
+            super().__init__()
+            self.unused = torch.nn.Parameter(torch.zeros(()))
+
+        def forward(self, t: Tensor, x: Tensor) -> Tensor:
+            t = t.reshape(-1, 1)
+            var = (1 - t) ** 2 * s**2 + t**2
+            return -mu + (t - (1 - t) * s**2) / var * (x - (1 - t) * mu)
+
+    model = FlowMatchingModel(GaussianVelocity(), (2,)).to(F64)
+    z = torch.randn(64, 2, dtype=F64, generator=torch.Generator().manual_seed(3))
+    exact = mu + s * z  # the flow carries x1 = z to μ + s z
+
+    def err(sampler: str, grid: str, steps: int) -> float:
+        gen = torch.Generator().manual_seed(3)  # the same base noise z
+        x, stats = model.sample(
+            64, {"sampler": sampler, "grid": grid, "steps": steps}, generator=gen
+        )
+        return float((x - exact).abs().max())
+
+    for grid in ("karras", "uniform"):
+        e = [err("heun", grid, n) for n in (16, 32, 64)]
+        assert all(abs(e[i] / e[i + 1] - 4) < 0.6 for i in range(2)), (grid, e)
+        assert err("heun", grid, 10) < err("euler", grid, 20)
+
+
 # ------------------------------------------------------------ entry points
 @pytest.fixture(scope="module")
-def digits_run(tmp_path_factory: pytest.TempPathFactory) -> Path:
+def digits_run(tmp_path_factory: pytest.TempPathFactory, digits_cache: Path) -> Path:
+    """A 2-iteration OT-CFM digits run whose final.json has the digits FD/KID of 64 samples."""
     run = tmp_path_factory.mktemp("fid") / "run"
     rc, out, err = run_train(
         *TINY,
@@ -535,11 +649,65 @@ def digits_run(tmp_path_factory: pytest.TempPathFactory) -> Path:
         "train.batch_size=32",
         "eval.solver.name=euler",
         "eval.solver.steps=2",
+        "eval.fid.features=digits",
+        "eval.fid.num_samples=64",
         f"run.dir={run}",
         config="configs/fm/otcfm_digits.yaml",
+        env=subprocess_env(CNF_CACHE=str(digits_cache)),
     )
     assert rc == 0, err[-3000:]
+    assert "samples: FD" in out
     return run
+
+
+@pytest.mark.slow
+def test_final_json_has_the_fd_and_kid_of_samples(digits_run: Path) -> None:
+    final = json.loads((digits_run / "final.json").read_text())
+    for key in ("fid", "kid", "kid_stderr", "fid_data", "kid_data", "kid_data_stderr"):
+        assert np.isfinite(final[key]), key
+    assert final["fid_num_samples"] == 64 and final["fid_nfe"] == 2
+    assert final["fid_finite_fraction"] == 1.0 and final["fid_data_num_images"] == 359
+    info = final["fid_info"]
+    assert info["features"] == "digits" and info["feature_identity"].startswith("digits:")
+    assert info["seed"] == final["eval"]["seed"] == 1234 and info["num_samples"] == 64
+    assert info["reference"]["num_images"] == 1258
+    assert final["eval"]["settings"]["sampler"] == "ode"  # the sampler that made them
+    # Held-out test images score far below the samples of a 2-iteration model.
+    assert final["fid_data"] < 0.1 * final["fid"] and final["kid_data"] < final["kid"]
+    print(
+        f"\nfinal.json: FD {final['fid']:.2f}, KID {final['kid']:.4f} (2 iterations); "
+        f"test images FD {final['fid_data']:.3f}, KID {final['kid_data']:.4f}"
+    )
+
+
+@pytest.mark.slow
+def test_cost_curve_on_an_image_run_writes_fd_and_grids(
+    digits_run: Path, digits_cache: Path, tmp_path: Path
+) -> None:
+    out = tmp_path / "cc"
+    grid = "euler:steps=2;sampler=heun:grid=karras:steps=2"
+    args = [str(digits_run), "--grid", grid, "--fid", "digits", "--fid-samples", "32"]
+    args += ["--num-samples", "0", "--num-test", "20", "--image-grid", "2x3", "--out", str(out)]
+    rc, stdout, err = run_script(
+        "cost_curve.py", args, env=subprocess_env(CNF_CACHE=str(digits_cache))
+    )
+    assert rc == 0, err[-3000:]
+    records = [json.loads(line) for line in (out / "cost_curve.jsonl").read_text().splitlines()]
+    assert [r["label"] for r in records] == ["euler steps=2", "sampler=heun grid=karras steps=2"]
+    assert [r["fid_nfe"] for r in records] == [2, 3]  # Heun: 2N − 1
+    for r in records:
+        assert np.isfinite([r["fid"], r["kid"], r["kid_stderr"], r["bpd"]]).all()
+        assert r["fid_num_samples"] == 32 and r["fid_info"]["features"] == "digits"
+        assert r["fid_data"] < r["fid"]
+    # The Heun setting samples differently but evaluates like the run's own solver.
+    assert records[1]["eval_reused_from"] == "euler steps=2"
+    assert records[1]["bpd"] == records[0]["bpd"] and records[1]["fid"] != records[0]["fid"]
+    pngs = sorted((out / "samples").rglob("*.png"))
+    assert [p.name for p in pngs] == ["euler_steps-2.png", "sampler-heun_grid-karras_steps-2.png"]
+    assert all(p.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" for p in pngs)
+    assert (out / "cost_curve.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    md = (out / "cost_curve.md").read_text()
+    assert "| FD | KID | FD NFE |" in md and "digits features: test images score FD" in md
 
 
 def last_json(stdout: str) -> dict:
@@ -570,7 +738,23 @@ def test_fid_cli_end_to_end(
     assert res["num_samples"] == 64 and res["features"] == "digits" and res["iteration"] == 2
     assert res["nfe_per_sample"] == 2 and res["sampling"]["solver.name"] == "euler"
     assert np.isfinite(res["fid"]) and res["fid"] > 0 and res["kid_stderr"] > 0
+    assert res["fid_data"] < res["fid"] and res["data_num_images"] == 359
+    # One owner: final.json's FD of the same 64 samples (same seed and batch size) is this one.
+    final = json.loads((digits_run / "final.json").read_text())
+    assert (res["fid"], res["kid"]) == (final["fid"], final["kid"])
     print(f"\nfid.py digits on a 2-iteration run: FD {res['fid']:.3f}, KID {res['kid']:.4f}")
+    # Flat sampling-settings keys choose the sampler, as in a cost grid.
+    rc, out, err = run_script(
+        "fid.py",
+        [str(digits_run), "sampler=heun", "steps=2", "grid=karras", "--num-samples", "64"],
+        env=env,
+    )
+    assert rc == 0, err[-3000:]
+    heun = last_json(out)
+    assert heun["nfe_per_sample"] == 3 and heun["sampling"]["sampler"] == "heun"
+    assert heun["fid"] != res["fid"]
+    rc, _, err = run_script("fid.py", [str(digits_run), "sampler=leapfrog"], env=env)
+    assert "unknown ODE sampler 'leapfrog'" in assert_clean_failure(rc, err)
     # The same seed gives the same samples, so the same numbers.
     rc, out2, _ = run_script(
         "fid.py",
@@ -609,6 +793,11 @@ def test_samples_cli_writes_a_png(digits_run: Path, tmp_path: Path) -> None:
     )
     assert rc == 0, err[-3000:]
     assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and "NFE 3" in err
+    rc, _, err = run_script(
+        "samples.py",
+        [str(digits_run), "--grid", "2x2", "--out", str(png), "sampler=heun", "steps=3"],
+    )
+    assert rc == 0 and "NFE 5" in err, err[-3000:]
     rc, _, err = run_script("samples.py", [str(digits_run), "--grid", "3by4", "--out", str(png)])
     assert "--grid" in assert_clean_failure(rc, err)
 

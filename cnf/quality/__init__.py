@@ -6,7 +6,9 @@
   :func:`build_features`, :func:`compute_features`;
 * :mod:`cnf.quality.digits` — :class:`DigitsFeatures`, an offline classifier for the 8×8 digits;
 * :mod:`cnf.quality.reference` — cached training-set statistics (:func:`reference_statistics`);
-* :mod:`cnf.quality.images` — model samples → feature-network input, :func:`image_grid`.
+* :mod:`cnf.quality.images` — model samples → feature-network input, :func:`image_grid`;
+* :mod:`cnf.quality.sampling` — :class:`SampleQuality`: FD/KID of a model's seeded,
+  batched samples (what ``final.json``, ``cost_curve.py`` and ``fid.py`` report).
 
 Importing this package loads neither matplotlib, wandb nor scikit-learn
 (the digits classifier imports scikit-learn's data when it is first built).
@@ -32,13 +34,16 @@ from cnf.quality.features import (
 )
 from cnf.quality.images import image_grid, samples_to_images, to_levels, to_uint8
 from cnf.quality.reference import ReferenceStatistics, reference_statistics
+from cnf.quality.sampling import QualityConfig, SampleQuality, sample_batches
 
 __all__ = [
     "FEATURES",
     "DigitsFeatures",
     "FeatureError",
     "FeatureExtractor",
+    "QualityConfig",
     "ReferenceStatistics",
+    "SampleQuality",
     "TorchScriptFeatures",
     "build_features",
     "compute_features",
@@ -50,6 +55,7 @@ __all__ = [
     "load_digits_classifier",
     "mmd2_polynomial",
     "reference_statistics",
+    "sample_batches",
     "samples_to_images",
     "to_levels",
     "to_uint8",

@@ -33,6 +33,7 @@ from cnf.evaluation import (
     summarize,
 )
 from cnf.models import GenerativeModel, build_model
+from cnf.quality import SampleQuality
 from cnf.registry import Registry
 from cnf.rundir import DTYPES, RunDir, RunFolderError, resolve_device
 from cnf.train import distributed
@@ -366,6 +367,9 @@ class Trainer:
             final["sample_nfe"] = nfe
             self.samples = torch.as_tensor(samples)
             final.update(sample_statistics(samples, self.data))
+        if cfg.eval.fid.features is not None:  # FD / KID of image samples (cnf.quality)
+            quality = SampleQuality.for_eval(self.data, cfg.eval, device=model.device)
+            final.update(quality.record(model, seed=cfg.eval.seed))
         final["eval_seconds"] = time.perf_counter() - t0
         final["eval"] = settings_record(
             model.settings,
