@@ -41,6 +41,30 @@ Spec format (every key but ``name``, ``rows`` and ``columns`` optional)::
 Numbers whose status is ``unverified`` (or ``recalled``) carry a † and a
 footnote, ``measured`` ones a ‡; missing cells show "—".
 
+**Cost-curve rows.** A row with ``source: cost_curve`` takes its cells from
+the per-setting records ``experiments/cost_curve.py RUN_DIR`` writes into the
+run folder (``RUN_DIR/cost_curve*/cost_curve.jsonl``) instead of
+``final.json``: one record per run × sampling setting, selected by the run's
+config plus ``cost.*`` keys of the record — ``cost.setting.<key>`` (the
+setting as given, e.g. ``cost.setting.sampler: heun``), ``cost.settings.<key>``
+(every resolved setting, e.g. ``cost.settings.grid: karras``) and its scalars
+(``cost.fid_nfe``, ``cost.sample_nfe``, ``cost.label``, ...); the metrics are
+record keys (``bpd``, ``fid``, ``kid``, ...). So columns can be sampling
+budgets::
+
+    columns:
+      - {label: 10 NFE, select: {cost.fid_nfe: {in: [9, 10]}}}   # Heun 5 steps = 9 NFE
+    rows:
+      - {label: score Heun (EDM), source: cost_curve,
+         select: {model.family: score, cost.setting.sampler: heun, cost.setting.grid: karras}}
+      - {label: RealNVP, select: {model.family: flow}, keys: {bpd: test_bpd}}
+
+A ``final.json`` row has one sampling setting, its own: column filters on
+``cost.*`` keys do not apply to it, so its value appears in every column
+whose other filters match (a discrete flow at its single network pass).
+Records made before the run's last training iteration are skipped (with a
+warning); a matching run without records is listed as unfinished.
+
 Example:
     >>> spec = parse_table_spec({"name": "t", "columns": ["8gaussians"],
     ...                          "rows": [{"label": "FFJORD", "select": {"model.family": "ffjord"}}]})
@@ -75,6 +99,7 @@ __all__ = [
     "config_matches",
     "load_table_spec",
     "parse_table_spec",
+    "read_cost_records",
     "scan_runs",
 ]
 
@@ -113,6 +138,7 @@ class Row:
     seeds: tuple[int, ...] | None = None
     keys: dict[str, str] = field(default_factory=dict)
     note: str | None = None
+    source: str = "final"  # final | cost_curve
 
 
 @dataclass(frozen=True)
@@ -266,6 +292,7 @@ def parse_table_spec(raw: Any, *, default_name: str | None = None) -> TableSpec:
                 tuple(r.seeds) if r.seeds is not None else None,
                 dict(r.keys),
                 r.note,
+                r.source,
             )
         )
     refs = []
@@ -427,8 +454,64 @@ def read_run_folder(path: Path) -> RunFolder | str:
     return RunFolder(path, cfg, final)
 
 
+def _nested(flat: Mapping[str, Any]) -> dict[str, Any]:
+    """``{"solver.name": "rk4"}`` → ``{"solver": {"name": "rk4"}}``."""
+    out: dict[str, Any] = {}
+    for key, value in flat.items():
+        node = out
+        *parents, last = str(key).split(".")
+        for part in parents:
+            node = node.setdefault(part, {})
+        node[last] = value
+    return out
+
+
+COST_RECORDS = "cost_curve*/cost_curve.jsonl"
+"""Where ``experiments/cost_curve.py RUN_DIR`` leaves its records, relative to the run folder."""
+
+
+def read_cost_records(run: RunFolder) -> tuple[list[RunFolder], list[str]]:
+    """A finished run's cost-curve records, each as a :class:`RunFolder` whose ``final`` is the record.
+
+    The record's config is the run's plus ``cost``: the record's scalars,
+    ``setting`` (as given) and ``settings`` (nested). Records of another run
+    folder (a multi-run ``--out`` inside this one) are ignored; records made
+    before the run's last iteration are skipped with a warning.
+
+    Returns:
+        ``(records, one-line warnings)``.
+    """
+    out: list[RunFolder] = []
+    warnings: list[str] = []
+    done = (run.final or {}).get("iterations")
+    for path in sorted(run.path.glob(COST_RECORDS)):
+        try:
+            lines = [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+        except (OSError, ValueError) as e:
+            warnings.append(f"{path}: unreadable ({str(e).splitlines()[0]})")
+            continue
+        stale = 0
+        for rec in lines:
+            if not isinstance(rec, dict) or Path(str(rec.get("run_dir", ""))).name != run.path.name:
+                continue
+            it = rec.get("iteration")
+            if isinstance(done, int) and isinstance(it, int) and it < done:
+                stale += 1
+                continue
+            cost = {k: v for k, v in rec.items() if not isinstance(v, Mapping | list)}
+            cost["setting"] = _nested(rec.get("setting") or {})
+            cost["settings"] = _nested(rec.get("settings") or {})
+            out.append(RunFolder(run.path, {**run.config, "cost": cost}, rec))
+        if stale:
+            warnings.append(
+                f"{path}: {stale} records are from an iteration before {done} (stale; skipped)"
+            )
+    return out, warnings
+
+
 # Config values that legitimately differ between the runs a cell aggregates.
 _VARYING = (
+    "cost",  # the sampling settings of cost-curve records: the columns and rows select on them
     "seed",
     "run",
     "track",
@@ -536,6 +619,7 @@ def build_table(spec: TableSpec, runs_root: str | Path | None = None) -> Table:
         warnings.append(f"runs root {root} does not exist")
     cells: dict[tuple[str, str, str], Cell] = {}
     scanned: dict[tuple[str, ...], list[RunFolder]] = {}
+    records: dict[Path, list[RunFolder]] = {}
     column_runs: dict[str, list[RunFolder]] = {c.label: [] for c in spec.columns}
     select_keys_seen: set[str] = set()
     all_configs: list[dict[str, Any]] = []
@@ -550,12 +634,32 @@ def build_table(spec: TableSpec, runs_root: str | Path | None = None) -> Table:
         where = ", ".join(str(root / p) for p in row.patterns) if row.patterns else str(root)
         for col in spec.columns:
             select = {**row.select, **col.select}
-            matched = [r for r in runs if config_matches(r.config, select)]
-            finished = [r for r in matched if r.final is not None]
-            column_runs[col.label] += finished
+            # Run folders match on the config; cost-curve records also on their cost.* keys.
+            config_select = {k: v for k, v in select.items() if not k.startswith("cost.")}
+            matched = [r for r in runs if config_matches(r.config, config_select)]
             for r in matched:
                 if r.final is None:
                     unfinished.append(f"{row.label} × {col.label}: {r.path} ({r.problem})")
+            finished = [r for r in matched if r.final is not None]
+            if row.source == "cost_curve":
+                per_run = []
+                for r in finished:
+                    if r.path not in records:
+                        records[r.path], warns = read_cost_records(r)
+                        warnings += [w for w in warns if w not in warnings]
+                    if not records[r.path]:
+                        unfinished.append(
+                            f"{row.label} × {col.label}: {r.path} (no cost-curve records; "
+                            f"run experiments/cost_curve.py {r.path})"
+                        )
+                    per_run += [q for q in records[r.path] if config_matches(q.config, select)]
+                if finished and not per_run and any(records[r.path] for r in finished):
+                    missing.append(
+                        f"{row.label} × {col.label}: no cost-curve record of the "
+                        f"{len(finished)} matching runs matches {{{_describe_select(select)}}}"
+                    )
+                finished = per_run
+            column_runs[col.label] += finished
             differ = _cell_config_differences(finished, select)
             if differ:
                 warnings.append(
@@ -567,7 +671,7 @@ def build_table(spec: TableSpec, runs_root: str | Path | None = None) -> Table:
             if not matched:
                 missing.append(
                     f"{row.label} × {col.label}: no run folder under {where} "
-                    f"matches {{{_describe_select(select)}}}"
+                    f"matches {{{_describe_select(config_select)}}}"
                 )
             elif row.seeds is not None:
                 have = {r.seed for r in matched}
@@ -604,7 +708,7 @@ def build_table(spec: TableSpec, runs_root: str | Path | None = None) -> Table:
         select_keys_seen |= set(row.select)
     for col in spec.columns:
         select_keys_seen |= set(col.select)
-    for key in sorted(select_keys_seen):
+    for key in sorted(k for k in select_keys_seen if not k.startswith("cost.")):
         if all_configs and all(_lookup(c, key) is _MISSING for c in all_configs):
             warnings.append(f"select key '{key}' is absent from every run's config.yaml (a typo?)")
 

@@ -513,3 +513,89 @@ def test_parse_table_spec_messages() -> None:
         )
     with pytest.raises(TableSpecError, match="unknown config key 'lable'"):
         parse_table_spec({"name": "t", "columns": ["a"], "rows": [{"lable": "r"}]})
+
+
+# ------------------------------------------------ cost-curve rows: the digits quality table
+def _quality_run(root: Path, name: str, model: dict, final: dict, records: list[dict]) -> Path:
+    d = root / "digits_quality" / name
+    d.mkdir(parents=True)
+    cfg = {
+        "seed": 0,
+        "data": {"name": "digits"},
+        "model": model,
+        "train": {"iters": 1000, "batch_size": 128},
+    }
+    OmegaConf.save(OmegaConf.create(cfg), d / "config.yaml")
+    (d / "final.json").write_text(json.dumps({"iterations": 1000, **final}))
+    if records:
+        (d / "cost_curve-0123abcd").mkdir()
+        lines = [
+            json.dumps({"run_dir": f"runs/digits_quality/{name}", "iteration": 1000, **r})
+            for r in records
+        ]
+        (d / "cost_curve-0123abcd" / "cost_curve.jsonl").write_text("\n".join(lines) + "\n")
+    return d
+
+
+def _record(sampler: str, grid: str, steps: int, nfe: int, fid: float) -> dict:
+    setting = {"sampler": sampler, "grid": grid, "steps": steps}
+    return {
+        "setting": setting,
+        "settings": {**setting, "solver.name": "dopri5"},
+        "label": describe_setting(setting),
+        "bpd": 1.9,
+        "fid": fid,
+        "kid": fid / 100,
+        "fid_nfe": float(nfe),
+        "fid_data": 0.3,
+        "kid_data": 0.001,
+        "fid_info": {"features": "digits"},
+    }
+
+
+def test_shipped_digits_quality_spec_reads_cost_curve_records(tmp_path: Path) -> None:
+    runs = tmp_path / "runs"
+    score = {"family": "score", "sde": {"name": "vp"}}
+    heun = [_record("heun", "karras", n, 2 * n - 1, 10.0 / n) for n in (5, 10, 25)]
+    euler = [_record("euler", "uniform", n, n, 40.0 / n) for n in (10, 20, 50, 100)]
+    _quality_run(runs, "score_vp", score, {"test_bpd": 1.9}, heun + euler)
+    flow = {"family": "flow", "flow": {"name": "realnvp"}}
+    _quality_run(runs, "realnvp", flow, {"test_bpd": 2.5, "fid": 7.0, "kid": 0.07}, [])
+    # A finished INDM run without records is listed as unfinished, not silently missing.
+    _quality_run(runs, "indm", {"family": "indm"}, {"test_nelbo": 1.0}, [])
+    # A stale record (from an earlier iteration) is skipped with a warning.
+    stale = _quality_run(runs, "otcfm", {"family": "fm", "pairing": {"name": "ot"}}, {}, [])
+    (stale / "cost_curve-x").mkdir()
+    rec = {**_record("heun", "karras", 5, 9, 1.0), "run_dir": str(stale), "iteration": 500}
+    (stale / "cost_curve-x" / "cost_curve.jsonl").write_text(json.dumps(rec) + "\n")
+
+    spec = load_table_spec(REPO / "configs/tables/digits_quality.yaml")
+    assert [c.label for c in spec.columns] == ["10 NFE", "20 NFE", "50 NFE", "100 NFE"]
+    assert [m.key for m in spec.metrics] == ["bpd", "fid", "kid"]
+    table = build_table(spec, runs)
+    for col, n in zip(("10 NFE", "20 NFE", "50 NFE", "100 NFE"), (5, 10, 25, 50)):
+        heun_cell = table.cells[("VP score SDE, Heun (EDM grid)", col, "fid")]
+        assert heun_cell.mean == (10.0 / n if n < 50 else None)
+        assert table.cells[("VP score SDE, Euler (uniform grid)", col, "fid")].mean == 20.0 / n
+        # A final.json row (one sampling setting) stands in every column.
+        assert table.cells[("RealNVP (1 pass)", col, "fid")].mean == 7.0
+        assert table.cells[("RealNVP (1 pass)", col, "bpd")].mean == 2.5
+        assert table.cells[("held-out test images", col, "fid")].mean == 0.3
+    assert any(
+        m.startswith("VP score SDE, Heun (EDM grid) × 100 NFE: no cost-curve record")
+        for m in table.missing
+    )
+    assert any("Rectified flow" in m and "no run folder" in m for m in table.missing)
+    for family in ("INDM", "OT-CFM"):  # no records, or only stale ones
+        assert any(family in u and "no cost-curve records" in u for u in table.unfinished)
+    assert any("stale" in w for w in table.warnings)
+
+    rc, stdout, stderr = run_script(
+        "tables.py",
+        ["configs/tables/digits_quality.yaml", "--runs-root", str(runs), "--out", str(tmp_path)],
+    )
+    assert rc == 0, stderr
+    assert "| VP score SDE, Heun (EDM grid) | **1.900** (n=1) | **2.00** (n=1) |" in stdout
+    assert "| RealNVP (1 pass) | 2.500 (n=1) | 7.00 (n=1) | 0.070 (n=1) | 2.500 (n=1) |" in stdout
+    assert "DiffFlow (SDE sampler) × 10 NFE: no run folder" in stdout
+    assert (tmp_path / "digits_quality.tex").is_file()
