@@ -151,6 +151,7 @@ class Trainer:
         self.progress = progress
         self._stop_reason: str | None = None
         self._lock = None
+        self.step_module: torch.nn.Module | None = None  # the training step (DDP-wrapped)
 
     # ----------------------------------------------------------------- set-up
     def _build_optimizer(self) -> torch.optim.Optimizer:
@@ -290,7 +291,7 @@ class Trainer:
                 distributed.broadcast_module(self.ema)
         # The training loss as a module: DDP-wrapped under a process group, so that
         # gradients are all-reduced in buckets while the backward pass runs.
-        step_module = distributed.data_parallel(self.model, self.device)
+        step_module = self.step_module = distributed.data_parallel(self.model, self.device)
         self.model.train()
         while not self._done():
             if stop_agreed if parallel else self._stop_reason is not None:
