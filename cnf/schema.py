@@ -598,7 +598,7 @@ class SweepSchema:
                 f"name: {self.name!r} must be letters, digits, '.', '_' or '-' (it names a folder)"
             )
         _non_empty(
-            base=(self.base, "the path of a training config is required"),
+            base=(self.base, "the path of a training config (or a list of them) is required"),
             axes=(self.axes, "must be a non-empty mapping of dotted keys to lists"),
             runs_root=(self.runs_root, "must be a folder path"),
         )
