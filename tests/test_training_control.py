@@ -440,3 +440,15 @@ def test_sweep_base_templates_and_lists(tmp_path: Path) -> None:
         with pytest.raises(SweepError, match=re.escape(message)) as e:
             load_sweep(write_sweep(tmp_path, base))
         assert "\n" not in str(e.value)
+
+
+def test_bench_tabular_smoke() -> None:
+    from conftest import run_script
+
+    rc, out, err = run_script(
+        "bench_tabular.py",
+        ["--iters", "2", "--rows", "2000", "model.hidden_dims=[16,16]", "train.batch_size=100"],
+    )
+    assert rc == 0, out + err
+    assert "1620 train rows x 43" in out  # 2000 rows: 1620 + 180 + 200 by MAF's split
+    assert "s/iteration:" in out and "NFE at iteration 2 (last): forward" in out
