@@ -77,38 +77,37 @@ def test_options_are_the_zuko_constructors_keyword_arguments() -> None:
     from zuko.flows import MAF, NSF
     from zuko.flows.autoregressive import MaskedAutoregressiveTransform
     from zuko.nn import MaskedMLP
+    from zuko.transforms import MonotonicAffineTransform
 
-    chain = {
-        "zuko.made": (MAF.__init__, MaskedAutoregressiveTransform.__init__, MaskedMLP.__init__),
-        "zuko.maf": (MAF.__init__, MaskedAutoregressiveTransform.__init__, MaskedMLP.__init__),
-        "zuko.nsf": (
-            NSF.__init__,
-            MAF.__init__,
-            MaskedAutoregressiveTransform.__init__,
-            MaskedMLP.__init__,
-        ),
-    }
-    for name, constructors in chain.items():
-        theirs = _zuko_defaults(*constructors)
-        ours = inspect.signature(FLOWS[name].builder("vector")).parameters
-        options = {k: p.default for k, p in ours.items() if p.kind is p.KEYWORD_ONLY}
-        assert options, name
-        for key, default in options.items():
-            assert key in theirs, (name, key)
-            if key == "activation":  # by name here; None (= ReLU) there
-                assert default == "relu" and theirs[key] is None
-            elif key == "hidden_features":
-                assert list(default) == list(theirs[key])
-            else:
-                assert default == theirs[key], (name, key)
+    chain = (NSF.__init__, MAF.__init__, MaskedAutoregressiveTransform.__init__, MaskedMLP.__init__)
+    theirs = _zuko_defaults(*chain)
+    ours = inspect.signature(FLOWS["zuko.maf"].builder("vector")).parameters
+    options = {k: p.default for k, p in ours.items() if p.kind is p.KEYWORD_ONLY}
+    assert set(options) <= set(theirs)
+    for key, default in options.items():
+        if key == "activation":  # by name here; None (= ReLU) there
+            assert default == "relu" and theirs[key] is None
+        elif key == "univariate":  # by name here (affine | spline); a constructor there
+            assert default == "affine" and theirs[key] is MonotonicAffineTransform
+        elif key == "hidden_features":
+            assert list(default) == list(theirs[key])
+        else:
+            assert default == theirs[key], key
+    # The registered presets: the same options, other defaults.
+    made, nsf = (FLOWS[n].builder("vector") for n in ("zuko.made", "zuko.nsf"))
+    assert made.option_defaults == {"transforms": 1}
+    assert nsf.option_defaults == {"univariate": "spline"}
+    assert inspect.signature(made).parameters == ours == inspect.signature(nsf).parameters
 
 
 def test_unknown_option_and_activation_are_config_errors(tmp_path) -> None:
     from cnf.config import load_config
 
     base = REPO / "configs" / "flows" / "maf_tabular.yaml"
-    with pytest.raises(ConfigError, match="unknown config key 'model.flow.bins'"):
-        load_config(base, ["model.flow.bins=4", f"run.dir={tmp_path}"])
+    with pytest.raises(ConfigError, match="unknown config key 'model.flow.nope'"):
+        load_config(base, ["model.flow.nope=4", f"run.dir={tmp_path}"])
+    with pytest.raises(ConfigError, match="only for univariate=spline"):
+        build_flow("zuko.maf", event_shape=(3,), bins=4)
     with pytest.raises(ConfigError, match="model.flow.activation: unknown value 'relux'"):
         build_flow("zuko.maf", event_shape=(3,), activation="relux")
     with pytest.raises(ValueError, match="no image builder"):
@@ -138,5 +137,5 @@ def test_missing_zuko_is_one_line_naming_the_extra(tmp_path) -> None:
         timeout=300,
     )
     line = assert_clean_failure(proc.returncode, proc.stderr)
-    assert "model.flow.name=zuko.maf needs zuko" in line and "'.[zuko]'" in line
+    assert "zuko.maf and zuko.nsf need zuko, an optional extra" in line and "'.[zuko]'" in line
     assert not (tmp_path / "run").exists()

@@ -16,7 +16,9 @@ zuko.nsf   ``zuko.flows.NSF(D, ...)``: monotonic rational-quadratic splines
 ========== ==================================================================
 
 The options are the zuko constructors' keyword arguments, with their names
-and defaults (``activation`` by name, from :data:`cnf.nets.ACTIVATIONS`).
+and defaults (``activation`` by name, from :data:`cnf.nets.ACTIVATIONS`;
+``univariate: affine | spline`` chooses between MAF and NSF, which in zuko
+differ only in it).
 zuko's transform maps data to its base variable exactly as a :class:`Flow`
 does (``forward`` = normalising direction with ``log|det ∂z/∂x|``); its base
 distribution, a standard normal, is the :class:`~cnf.models.flow.FlowModel`'s
@@ -34,14 +36,15 @@ References:
     Rozet et al., zuko (https://github.com/probabilists/zuko).
 
 Example:
-    >>> flow = zuko_maf(3, transforms=2, hidden_features=[16])  # doctest: +SKIP
+    >>> flow = zuko_maf(3, transforms=2, hidden_features=[16], univariate="spline")  # doctest: +SKIP
     >>> z, logdet = flow(torch.randn(5, 3))  # doctest: +SKIP
 """
 
 from __future__ import annotations
 
+import functools
 import importlib
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from types import ModuleType
 from typing import Any
 
@@ -55,7 +58,7 @@ __all__ = ["ZUKO_EXTRA", "ZukoFlow", "zuko_made", "zuko_maf", "zuko_nsf"]
 ZUKO_EXTRA = "pip install -e '.[zuko]' (or pip install zuko)"
 
 
-def _zuko(name: str) -> ModuleType:
+def _zuko() -> ModuleType:
     try:
         return importlib.import_module("zuko.flows")
     except ImportError:
@@ -63,7 +66,8 @@ def _zuko(name: str) -> ModuleType:
         from cnf.config import ConfigError
 
         raise ConfigError(
-            f"model.flow.name={name} needs zuko, an optional extra: {ZUKO_EXTRA}"
+            f"model.flow.name: zuko.made, zuko.maf and zuko.nsf need zuko, an optional extra: "
+            f"{ZUKO_EXTRA}"
         ) from None
 
 
@@ -109,27 +113,7 @@ def _mlp(hidden_features: Sequence[int], activation: str, residual: bool) -> dic
     }
 
 
-def zuko_made(
-    dim: int,
-    *,
-    hidden_features: Sequence[int] = (64, 64),
-    activation: str = "relu",
-    residual: bool = False,
-    passes: int | None = None,
-) -> ZukoFlow:
-    """MADE with Gaussian conditionals: ``zuko.flows.MAF(dim, transforms=1)``.
-
-    Args:
-        dim: Number of features ``D``.
-        hidden_features: Widths of the masked MLP's hidden layers.
-        activation: A :data:`cnf.nets.ACTIVATIONS` name.
-        residual: Residual masked MLP blocks.
-        passes: Sequential passes of the inverse (None: ``D``, fully autoregressive).
-    """
-    zf = _zuko("zuko.made")
-    return _wrap(
-        zf.MAF(dim, transforms=1, passes=passes, **_mlp(hidden_features, activation, residual))
-    )
+UNIVARIATE = ("affine", "spline")
 
 
 def zuko_maf(
@@ -141,51 +125,59 @@ def zuko_maf(
     activation: str = "relu",
     residual: bool = False,
     passes: int | None = None,
+    univariate: str = "affine",
+    bins: int = 8,
+    slope: float = 1e-3,
 ) -> ZukoFlow:
-    """Masked autoregressive flow: ``zuko.flows.MAF``.
+    """A masked autoregressive flow: ``zuko.flows.MAF``, or ``zuko.flows.NSF`` for splines.
+
+    zuko's NSF is its MAF with rational-quadratic spline transforms instead of
+    affine ones, so one builder serves both (and MADE, one affine layer); the
+    registry's ``zuko.made`` and ``zuko.nsf`` are this builder with other defaults.
 
     Args:
         dim: Number of features ``D``.
         transforms: Masked autoregressive layers.
         randperm: Permute the variables at random between layers (else reverse them).
-        hidden_features, activation, residual, passes: As :func:`zuko_made`.
+        hidden_features: Widths of each masked MLP's hidden layers.
+        activation: A :data:`cnf.nets.ACTIVATIONS` name.
+        residual: Residual masked MLP blocks.
+        passes: Sequential passes of the inverse (None: ``D``, fully
+            autoregressive; 2: coupling layers).
+        univariate: ``affine`` (MAF) or ``spline`` (NSF: monotonic
+            rational-quadratic splines on [-5, 5], the identity outside).
+        bins, slope: The splines' number of bins ``K`` and minimum slope
+            (``univariate=spline`` only).
     """
-    zf = _zuko("zuko.maf")
-    mlp = _mlp(hidden_features, activation, residual)
-    return _wrap(zf.MAF(dim, transforms=transforms, randperm=randperm, passes=passes, **mlp))
+    from cnf.config import ConfigError
+
+    if univariate not in UNIVARIATE:
+        raise ConfigError(
+            f"model.flow.univariate: unknown value '{univariate}'; valid: {', '.join(UNIVARIATE)}"
+        )
+    if univariate == "affine" and (bins, slope) != (8, 1e-3):
+        raise ConfigError("model.flow.bins, slope: only for univariate=spline (zuko.nsf)")
+    zf = _zuko()
+    options = dict(transforms=transforms, randperm=randperm, passes=passes)
+    options.update(_mlp(hidden_features, activation, residual))
+    if univariate == "spline":
+        return _wrap(zf.NSF(dim, bins=bins, slope=slope, **options))
+    return _wrap(zf.MAF(dim, **options))
 
 
-def zuko_nsf(
-    dim: int,
-    *,
-    transforms: int = 3,
-    randperm: bool = False,
-    bins: int = 8,
-    slope: float = 1e-3,
-    hidden_features: Sequence[int] = (64, 64),
-    activation: str = "relu",
-    residual: bool = False,
-    passes: int | None = None,
-) -> ZukoFlow:
-    """Neural spline flow: ``zuko.flows.NSF`` (rational-quadratic splines on [-5, 5]).
+def _preset(name: str, **defaults: Any) -> Callable[..., ZukoFlow]:
+    """:func:`zuko_maf` registered as ``name``, with other defaults (shown in resolved configs)."""
 
-    Args:
-        dim: Number of features ``D``.
-        transforms, randperm: As :func:`zuko_maf`.
-        bins: Spline bins ``K``.
-        slope: Minimum slope of the splines.
-        hidden_features, activation, residual, passes: As :func:`zuko_made`
-            (``passes=2``: coupling layers).
-    """
-    zf = _zuko("zuko.nsf")
-    mlp = _mlp(hidden_features, activation, residual)
-    flow = zf.NSF(
-        dim,
-        transforms=transforms,
-        randperm=randperm,
-        bins=bins,
-        slope=slope,
-        passes=passes,
-        **mlp,
-    )
-    return _wrap(flow)
+    @functools.wraps(zuko_maf)
+    def build(dim: int, **options: Any) -> ZukoFlow:
+        return zuko_maf(dim, **{**defaults, **options})
+
+    build.option_defaults = defaults  # type: ignore[attr-defined]
+    build.__name__ = name
+    return build
+
+
+# MADE with Gaussian conditionals: one masked autoregressive affine layer.
+zuko_made = _preset("zuko_made", transforms=1)
+# Neural spline flow: zuko's NSF defaults (8 bins, autoregressive).
+zuko_nsf = _preset("zuko_nsf", univariate="spline")
