@@ -15,7 +15,11 @@ A sweep file::
     slurm: {partition: gpu, gpus: 1, cpus_per_task: 4, mem: 16G, time: "04:00:00"}  # slurm/launch.py
 
 expands to the Cartesian product of the axes, where each ``zip`` group counts
-as one axis whose lists are walked in step (above: 2 × 2 × 3 = 12 runs). Every
+as one axis whose lists are walked in step (above: 2 × 2 × 3 = 12 runs).
+``base`` may itself be an axis, ``axes: {base: [a.yaml, b.yaml], ...}``
+(instead of the ``base:`` key): one run per training config and value of the
+other axes, e.g. one table's rows from several families at one budget; the
+fixed ``overrides`` apply to every config. Every
 run gets a deterministic folder named by a readable digest of its axis values
 (``data.name-checkerboard__model.jacobian-0.01__model.kinetic-0.01_s0``), so a
 relaunched sweep finds its runs again: finished ones are skipped, partial ones
@@ -32,6 +36,7 @@ with a one-line message. The JSON-lines manifest (:func:`manifest_text`, line
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import itertools
 import json
@@ -74,6 +79,11 @@ class Sweep:
     zip: tuple[tuple[str, ...], ...]
     runs_root: Path
     slurm: dict[str, Any] = field(default_factory=dict)  # validated by slurm/launch.py
+    bases: dict[str, Path] = field(default_factory=dict)  # axis ``base``: value -> config
+
+    def base_of(self, axis_values: Mapping[str, Any]) -> Path:
+        """The training config of a run with these axis values."""
+        return self.bases[axis_values["base"]] if "base" in axis_values else self.base
 
     @property
     def folder(self) -> Path:
@@ -92,6 +102,7 @@ class Run:
     run_dir: Path
     seed: int
     config: dict[str, Any] = field(default_factory=dict, compare=False, repr=False)  # resolved
+    base: Path | None = None  # the run's training config (None: the sweep's base)
 
     @property
     def train_overrides(self) -> list[str]:
@@ -147,8 +158,18 @@ def load_sweep(
         raise SweepError(f"{where}: {_format_omegaconf_error(e, root_schema)}") from None
     except (ValueError, ConfigError) as e:
         raise SweepError(f"{where}: {str(e).splitlines()[0]}") from None
-    base = _find_base(spec.base, path, search, where)
+    bases: dict[str, Path] = {}
+    if "base" in spec.axes:
+        if not isinstance(spec.axes["base"], list) or not spec.axes["base"]:
+            raise SweepError(f"{where}: axes.base must be a non-empty list of training configs")
+        for value in spec.axes["base"]:
+            bases[str(value)] = _find_base(value, path, search, f"{where}: axes.base")
+        base = next(iter(bases.values()), None)
+    else:
+        base = _find_base(spec.base, path, search, where)
     overrides = {_check_key(k, f"{where}: overrides"): v for k, v in spec.overrides.items()}
+    if "base" in overrides:
+        raise SweepError(f"{where}: overrides: base is not a config key; list configs in axes.base")
     axes: dict[str, list[Any]] = {}
     for key, values in spec.axes.items():
         _check_key(key, f"{where}: axes")
@@ -184,6 +205,7 @@ def load_sweep(
         zip=tuple(groups),
         runs_root=Path(runs_root if runs_root is not None else spec.runs_root),
         slurm=dict(spec.slurm),
+        bases=bases,
     )
 
 
@@ -284,6 +306,8 @@ def run_name(axis_values: Mapping[str, Any], seed: int) -> str:
     the values, so names stay unique and short.
     """
     values = {k: v for k, v in axis_values.items() if k != "seed"}
+    if "base" in values:  # a config path reads as its folder and stem: ffjord-digits
+        values["base"] = "-".join(p for p in Path(str(values["base"])).with_suffix("").parts[-2:])
     parts = [f"{k}-{_token(values[k])}" for k in sorted(values)]
     digest = re.sub(r"[^A-Za-z0-9._+-]+", "-", "__".join(parts))
     if len(digest) > MAX_DIGEST:
@@ -306,24 +330,38 @@ def plan(sweep: Sweep, *, absolute: bool = True) -> list[Run]:
 
     root = sweep.folder.absolute() if absolute else sweep.folder
     fixed = [f"{k}={format_value(v)}" for k, v in sweep.overrides.items()]
-    try:
-        base_cfg = load_config(sweep.base, fixed)
-    except ConfigError as e:
-        raise SweepError(f"{sweep.path}: base {sweep.base} with overrides: {e}") from None
-    base_tags = [str(t) for t in base_cfg.track.tags]
+    base_tags: dict[Path, list[str]] = {}
+    for base in sweep.bases.values() if sweep.bases else [sweep.base]:
+        try:
+            base_cfg = load_config(base, fixed)
+        except ConfigError as e:
+            raise SweepError(f"{sweep.path}: base {base} with overrides: {e}") from None
+        base_tags[base] = [str(t) for t in base_cfg.track.tags]
     runs: list[Run] = []
     for i, values in enumerate(expand(sweep)):
-        axis = [f"{k}={format_value(v)}" for k, v in values.items()]
-        tags = base_tags + [f"{k}={_token(v)}"[:64] for k, v in values.items()]
+        base = sweep.base_of(values)
+        axis = [f"{k}={format_value(v)}" for k, v in values.items() if k != "base"]
+        tags = base_tags[base] + [f"{k}={_token(v)}"[:64] for k, v in values.items()]
         track = [f"track.group={format_value(sweep.name)}", f"track.tags={format_value(tags)}"]
         overrides = (*fixed, *axis, *track)
         try:
-            cfg = load_config(sweep.base, list(overrides))
+            cfg = load_config(base, list(overrides))
         except ConfigError as e:
-            raise SweepError(f"{sweep.path}: run {' '.join(axis)}: {e}") from None
+            shown = [f"base={values['base']}"] if "base" in values else []
+            where = " ".join(shown + axis)
+            raise SweepError(f"{sweep.path}: run {where}: {e}") from None
         name = run_name(values, int(cfg.seed))
         runs.append(
-            Run(i, name, dict(values), tuple(overrides), root / name, int(cfg.seed), to_dict(cfg))
+            Run(
+                i,
+                name,
+                dict(values),
+                tuple(overrides),
+                root / name,
+                int(cfg.seed),
+                to_dict(cfg),
+                base if sweep.bases else None,
+            )
         )
     _check_unique(sweep, runs)
     return runs
@@ -349,15 +387,7 @@ def _check_unique(sweep: Sweep, runs: list[Run]) -> None:
                 r = runs[i]
                 stem, seed = r.name.rsplit("_s", 1)
                 new = f"{stem}-{_short_hash(r.axis_values)}_s{seed}"
-                runs[i] = Run(
-                    r.index,
-                    new,
-                    r.axis_values,
-                    r.overrides,
-                    r.run_dir.parent / new,
-                    r.seed,
-                    r.config,
-                )
+                runs[i] = dataclasses.replace(r, name=new, run_dir=r.run_dir.parent / new)
 
 
 def run_status(run: Run) -> str:
@@ -376,7 +406,7 @@ def manifest_text(runs: Sequence[Run], base: Path) -> str:
             "index": r.index,
             "name": r.name,
             "run_dir": str(r.run_dir),
-            "config": str(base),
+            "config": str(r.base or base),
             "overrides": r.train_overrides,
         }
         lines.append(json.dumps(entry, sort_keys=True))
