@@ -14,6 +14,11 @@ solve) or a ``(B,)`` tensor (one time per sample, as in score matching and
 flow matching). Smooth activations (tanh, softplus, swish) keep adaptive
 solvers cheap. With ``time_embedding`` the layers see features ``e(t)``
 (sinusoidal or Fourier, :mod:`cnf.diffusion.nets`) instead of the raw time.
+
+For images, :data:`CONV_LAYERS` holds the convolutional counterparts under
+the same names (``ignore``, ``concat`` — time as a constant input channel —,
+``squash``, ``concatsquash``, ``blend``; 3×3, stride 1, padding 1) and
+:class:`TimeConvNet` stacks them: the vector field of FFJORD's image CNFs.
 """
 
 from __future__ import annotations
@@ -454,19 +459,18 @@ class TimeConvNet(nn.Module):
     """A time-conditioned CNN ``(t, x) -> y`` on images: the vector field of image CNFs.
 
     ``len(hidden_dims) + 1`` layers of :data:`CONV_LAYERS` (3×3, stride 1,
-    padding 1), the activation between them; the last layer maps back to
-    ``out_channels``. FFJORD's multi-scale models use ``concat`` layers with
-    hidden channels ``(64, 64, 64)`` and softplus.
+    padding 1), the activation between them; the last layer maps back to the
+    ``C`` channels of the state. FFJORD's multi-scale models use ``concat``
+    layers with hidden channels ``(64, 64, 64)`` and softplus.
 
     Args:
-        in_channels: Channels ``C`` of the state.
+        channels: Channels ``C`` of the state (in and out).
         hidden_dims: Channels of the hidden layers, e.g. ``(64, 64, 64)``.
-        out_channels: Output channels (default ``in_channels``).
         layer: One of :data:`CONV_LAYERS`.
         activation: One of :data:`ACTIVATIONS`.
         zero_init: Zero the last layer so the field starts at 0 (identity flow; RNODE).
 
-    Shapes: ``t`` scalar or ``(B,)``; ``x`` ``(B, C, H, W)``; output ``(B, out_channels, H, W)``.
+    Shapes: ``t`` scalar or ``(B,)``; ``x`` and the output ``(B, C, H, W)``.
 
     References:
         Grathwohl et al., "FFJORD", ICLR 2019, §4 and Appendix B (docs/methods.md §3).
@@ -474,20 +478,18 @@ class TimeConvNet(nn.Module):
 
     def __init__(
         self,
-        in_channels: int,
+        channels: int,
         hidden_dims: Sequence[int] = (64, 64, 64),
-        out_channels: int | None = None,
         *,
         layer: str = "concat",
         activation: str = "softplus",
         zero_init: bool = False,
     ):
         super().__init__()
-        act_cls = ACTIVATIONS[activation]
-        dims = [in_channels, *hidden_dims, out_channels or in_channels]
+        dims = [channels, *hidden_dims, channels]
         layer_cls = CONV_LAYERS[layer]
         self.layers = nn.ModuleList(layer_cls(a, b) for a, b in zip(dims[:-1], dims[1:]))
-        self.acts = nn.ModuleList(act_cls() for _ in dims[1:-1])
+        self.acts = nn.ModuleList(ACTIVATIONS[activation]() for _ in hidden_dims)
         if zero_init:
             self.layers[-1].zero_()
 

@@ -1,4 +1,4 @@
-"""Multi-scale architectures with factor-out, and the NICE / RealNVP / Glow builders.
+"""Multi-scale architectures with factor-out: the NICE / RealNVP / Glow builders and FFJORD's ODENVP.
 
 **Output convention.** A multi-scale flow maps ``x`` of shape ``(B, C, H, W)``
 to ``z`` of the *same shape* and the total log-determinant, such that
@@ -23,9 +23,14 @@ level transforms it; ``inverse`` recovers it first and then ``z_f``.
 
 All flows map data ``x`` (t = 0) to the base ``z`` (t = T) in ``forward``.
 
+:func:`multiscale_cnf` arranges continuous blocks the same way (FFJORD's
+multi-scale CNF); the blocks' solve statistics, RNODE regularisers and
+per-probe log-determinants add up through the levels like their log-dets.
+
 References:
     Dinh, Sohl-Dickstein, Bengio. Density estimation using Real NVP. ICLR 2017,
     §3.6. Kingma, Dhariwal. Glow. NeurIPS 2018, §3 and Fig. 2b.
+    Grathwohl et al., "FFJORD", ICLR 2019, §4 (docs/methods.md §3).
 """
 
 from __future__ import annotations
@@ -370,8 +375,8 @@ def multiscale_cnf(
         A :class:`MultiScaleLevel` mapping ``(B, C, H, W)`` to ``z`` of the same shape.
 
     References:
-        Grathwohl et al., "FFJORD", ICLR 2019, §4 (docs/methods.md §3);
-        Dinh, Sohl-Dickstein, Bengio. Real NVP. ICLR 2017, §3.6 (the factor-out).
+        Grathwohl et al., "FFJORD", ICLR 2019, §4 (docs/methods.md §3; the
+        factor-out: §2.4); Dinh, Sohl-Dickstein, Bengio. Real NVP. ICLR 2017, §3.6.
     """
     if num_blocks < 1:
         raise ValueError(f"num_blocks must be >= 1, got {num_blocks}")

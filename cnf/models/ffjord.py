@@ -301,8 +301,8 @@ def _check_data(cfg: FFJORDSchema, kind: str) -> str | None:
     """A one-line problem when the architecture does not fit the data layout."""
     if cfg.architecture == "mlp" and kind == "image":
         return (
-            "data.flatten: model.architecture=mlp models flat vectors; set data.flatten=true, "
-            "or model.architecture=multiscale (or conv) for (C, H, W) images"
+            "data.flatten: family 'ffjord' with model.architecture=mlp models flat vectors; set "
+            "data.flatten=true, or model.architecture=multiscale (or conv) for (C, H, W) images"
         )
     if cfg.architecture != "mlp" and kind != "image":
         return (
