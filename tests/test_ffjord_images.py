@@ -432,7 +432,10 @@ def test_image_summary_reports_probe_stderr_in_bits_per_dim() -> None:
 @pytest.mark.parametrize(
     "overrides, expected",
     [
-        (["model.architecture=mlp"], "data.flatten: model.architecture=mlp models flat vectors"),
+        (
+            ["model.architecture=mlp"],
+            "data.flatten: family 'ffjord' with model.architecture=mlp models flat vectors",
+        ),
         (["data.flatten=true"], "model.architecture: multiscale needs images kept as (C, H, W)"),
         (["model.layer=add"], "model.layer: unknown convolutional layer type 'add'"),
         (["model.batch_norm=true"], "model.batch_norm: moving batch norm is for vectors"),
@@ -578,3 +581,21 @@ def test_digits_table_rows_select_the_shipped_configs(tmp_path: Path) -> None:
         cell = table.cells[(label, "digits", "test_bpd")]
         assert cell.mean == pytest.approx(2.0 + i) and cell.n == 3
         assert table.cells[(label, "digits", "train_seconds")].mean == 600.0
+
+
+# ------------------------------------------------------------------ benchmark
+def test_benchmark_rejects_an_unknown_run() -> None:
+    rc, out, err = run_script("bench_ffjord_images.py", ["--runs", "ffjord/fast"])
+    assert rc == 2 and err.strip().startswith("error: unknown run 'ffjord/fast'")
+
+
+@pytest.mark.slow
+def test_benchmark_smoke(tmp_path: Path) -> None:
+    out_json = tmp_path / "bench.json"
+    args = ["--batch", "1", "--iters", "1", "--warmup", "0", "--runs", "rnode/backprop"]
+    rc, out, err = run_script("bench_ffjord_images.py", [*args, "--json", str(out_json)])
+    assert rc == 0, err
+    (res,) = json.loads(out_json.read_text())
+    assert res["nfe_forward"] == 10 * 16 and res["nfe_backward"] == 0  # 10 blocks, rk4 x 4 steps
+    assert res["sec_per_iter"] > 0 and res["peak_mem_mb"] > 0
+    assert "| rnode | backprop |" in out
