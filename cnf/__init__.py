@@ -2,8 +2,8 @@
 
 One time convention for the whole library: data at t = 0, noise / base
 distribution at t = T (T = 1 unless learned). The mathematics each family
-implements is in ``docs/methods.md``; the layers and the family contract in
-``ARCHITECTURE.md``.
+implements is in ``docs/methods.md`` (index: ``docs/README.md``); the layers,
+who owns what and the family contract in ``ARCHITECTURE.md``.
 """
 
 from cnf.data import DATASETS, Dataset, build_dataset

@@ -1,4 +1,4 @@
-"""Likelihood against sampling cost (DESIGN.md §2, item 2).
+"""Likelihood against sampling cost (docs/methods.md §8).
 
 Evaluate one trained model over a grid of *cost settings* — each a flat
 mapping of setting keys, e.g. ``{"method": "dopri5", "rtol": 1e-3, "atol":

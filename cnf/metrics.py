@@ -56,7 +56,7 @@ def mmd2_rbf(
 
     ``k(a, b) = Σ_σ exp(−‖a − b‖² / (2σ²))`` over the stated standard
     deviations (the definition used for the torchcfm baseline in
-    shared/reference/paper-numbers.md). Two samples of one distribution score
+    docs/published-numbers.md). Two samples of one distribution score
     ≈ 0 (the estimator is unbiased, so it can be slightly negative).
     """
     x = x.double()

@@ -1,4 +1,4 @@
-"""Result tables from finished run folders, with published numbers beside ours (DESIGN.md §2, item 4).
+"""Result tables from finished run folders, with published numbers beside ours (docs/published-numbers.md).
 
 A *table spec* (YAML under ``configs/tables/``, read by ``experiments/tables.py``)
 names the table, its metric columns, the data-set columns, the method rows and
@@ -422,6 +422,10 @@ def read_run_folder(path: Path) -> RunFolder | str:
     except (OSError, ValueError) as e:
         return RunFolder(path, cfg, None, f"final.json unreadable ({str(e).splitlines()[0]})")
     done = final.get("iterations")
+    if final.get("stop_reason") == "early_stopping":
+        iters = done  # ended by its validation rule, not by the count
+    elif isinstance(final.get("budget_iters"), int):
+        iters = final["budget_iters"]  # a budget run's count, fixed once and stored
     if isinstance(done, int) and isinstance(iters, int) and done < iters:
         return RunFolder(path, cfg, None, f"final.json is from iteration {done} of {iters} (stale)")
     return RunFolder(path, cfg, final)

@@ -5,7 +5,7 @@
 
 For every run and setting: unbiased MMD² (RBF kernels of std 0.1, 0.5, 1, 2
 summed — :func:`cnf.metrics.mmd2_rbf`, the definition of the torchcfm
-baseline in shared/reference/paper-numbers.md) between ``--num-samples``
+baseline in docs/published-numbers.md) between ``--num-samples``
 model samples and as many held-out data points, with the sampler's NFE. The
 held-out points of toy data are drawn from the generator with a fixed seed
 that neither training (per-iteration seeds) nor the test set uses; other

@@ -1,4 +1,4 @@
-"""Mathematical checks of DiffFlow (DESIGN.md §1.4), float64 and seeded.
+"""Mathematical checks of DiffFlow (docs/methods.md §5), float64 and seeded.
 
 * the backward noise δ^B of a forward trajectory drives the backward chain
   back along that trajectory, to x_0 exactly;

@@ -1,4 +1,4 @@
-"""Mathematical checks of the score-based diffusion machinery (DESIGN.md §1.3).
+"""Mathematical checks of the score-based diffusion machinery (docs/methods.md §4).
 
 Time convention: data at t = 0, noise at t = 1. Most checks plug in the
 **exact score of Gaussian data** ``N(μ, Σ)``: for a linear SDE the marginals

@@ -201,7 +201,7 @@ def _image(
     train = arrays.train.reshape(len(arrays.train), *event_shape)
 
     def sample_train(rng: np.random.Generator, n: int) -> np.ndarray:
-        # Fresh dequantisation noise for every batch (DESIGN.md §1.2).
+        # Fresh dequantisation noise for every batch (docs/methods.md §1).
         x = dequantize(train[rng.integers(0, len(train), size=n)], levels, rng)
         if hflip:
             # Drawn after the batch from the same generator: the stream stays a

@@ -2,7 +2,7 @@
 
 Pixels are integer *levels* ``0 … L−1`` (L = 17 for the digits, whose values
 are 0–16; L = 256 for MNIST and CIFAR-10). A model sees continuous data in
-``[0, 1)^D`` by **uniform dequantisation** (Theis et al. 2016; DESIGN.md §1.2)::
+``[0, 1)^D`` by **uniform dequantisation** (Theis et al. 2016; docs/methods.md §1)::
 
     x = (pixel + u) / L,   u ~ U[0, 1)^D,
 

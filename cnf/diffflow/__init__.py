@@ -1,4 +1,4 @@
-"""DiffFlow: diffusion normalizing flows with a learned forward drift (DESIGN.md §1.4).
+"""DiffFlow: diffusion normalizing flows with a learned forward drift (docs/methods.md §5).
 
 * :mod:`cnf.diffflow.schedules` — time grids, diffusion schedules ``g(t)``,
   fixed base drifts (registries).

@@ -2,7 +2,7 @@
 
 On a grid ``t_0 < … < t_N`` (data at ``t_0``, prior at ``t_N``; ``Δt_i =
 t_{i+1} − t_i``, ``g_i = g(t_i)``, ``D`` = dimension) the two Markov chains
-of DESIGN.md §1.4 are
+of docs/methods.md §5 are
 
 * forward  ``p_F(x_{i+1} | x_i) = N(x_i + f(x_i, t_i)Δt_i, g_i² Δt_i I)``;
 * backward ``p_B(x_i | x_{i+1}) = N(x_{i+1} − b(x_{i+1}, t_{i+1})Δt_i, g_{i+1}² Δt_i I)``
@@ -116,7 +116,7 @@ def forward_noise(x: Tensor, x_next: Tensor, f: Tensor, g: Tensor, dt: Tensor) -
 def backward_noise(
     x: Tensor, x_next: Tensor, f_next: Tensor, s_next: Tensor, g_next: Tensor, dt: Tensor
 ) -> Tensor:
-    """``δ^B = (x_i − x_{i+1} + [f − g²s](x_{i+1}, t_{i+1}) Δt_i) / (g_{i+1} √Δt_i)`` (DESIGN.md §1.4)."""
+    """``δ^B = (x_i − x_{i+1} + [f − g²s](x_{i+1}, t_{i+1}) Δt_i) / (g_{i+1} √Δt_i)`` (docs/methods.md §5)."""
     b_next = f_next - g_next * g_next * s_next
     return (x - x_next + b_next * dt) / (g_next * dt.sqrt())
 

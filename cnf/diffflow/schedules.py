@@ -1,6 +1,6 @@
 """Time grids, diffusion schedules g(t) and fixed base drifts for DiffFlow.
 
-Convention (DESIGN.md §1): data at ``t = t_start`` (≈ 0), prior at
+Convention (docs/methods.md §1): data at ``t = t_start`` (≈ 0), prior at
 ``t = t_end = T``. A grid is ``t_0 = t_start < t_1 < … < t_N = t_end``.
 
 Every schedule is written in the *normalised* time
@@ -8,7 +8,7 @@ Every schedule is written in the *normalised* time
 values are the values at the two ends of the grid whatever the interval —
 the released 2-D setup lives on ``[0.001, 0.05]``, images on ``[1e-4, 0.1]``
 and a VP-like diffusion on ``[0.001, 1]``; for the VP schedule on
-``[≈0, 1]`` ``u ≈ t`` and ``β(u)`` is the β(t) of DESIGN.md §1.3.
+``[≈0, 1]`` ``u ≈ t`` and ``β(u)`` is the β(t) of docs/methods.md §4.
 
 References:
     Zhang & Chen, "Diffusion Normalizing Flow", NeurIPS 2021, arXiv:2110.07579
@@ -180,7 +180,7 @@ class GeometricDiffusion(LinearDiffusion):
 
 
 class VPDiffusion(DiffusionSchedule):
-    """``g(u) = √β(u)``, ``β(u) = β_min + u(β_max − β_min)`` (DESIGN.md §1.3, VP)."""
+    """``g(u) = √β(u)``, ``β(u) = β_min + u(β_max − β_min)`` (docs/methods.md §4, VP)."""
 
     name = "vp"
 
@@ -233,7 +233,7 @@ def _zero_drift(x: Tensor, g: Tensor) -> Tensor:
 
 def _vp_drift(x: Tensor, g: Tensor) -> Tensor:
     # f = −½β x with β = g²: the linear drift that makes x → N(0, I) for the VP
-    # schedule (DESIGN.md §1.3); for other schedules still a valid fixed drift.
+    # schedule (docs/methods.md §4); for other schedules still a valid fixed drift.
     return -0.5 * g * g * x
 
 

@@ -1,4 +1,4 @@
-"""Diffusion machinery and simulation-free CNF training (docs/methods.md §3, §6).
+"""Diffusion machinery and simulation-free CNF training (docs/methods.md §4, §7).
 
 Time convention: data at t = 0, noise at t = 1.
 """

@@ -1,8 +1,8 @@
 """Flow matching: straight conditional paths, minibatch-OT pairing and reflow.
 
-Time convention of the library (DESIGN.md §1): data ``x0`` at t = 0, noise
+Time convention of the library (docs/methods.md §1): data ``x0`` at t = 0, noise
 ``x1 ~ N(0, I)`` at t = 1. A pair ``(x0, x1)`` drawn from a coupling defines
-the straight conditional path and its velocity (DESIGN.md §1.6)::
+the straight conditional path and its velocity (docs/methods.md §7)::
 
     x_t = (1 − t) x0 + t x1 + σ ε,   ε ~ N(0, I)       (σ = 0: rectified flow)
     u   = x1 − x0

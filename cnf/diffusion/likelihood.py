@@ -1,6 +1,6 @@
 """Likelihood of a score model through its probability-flow ODE (a CNF).
 
-Data at t = 0, noise at t = 1 (DESIGN.md §1). The probability-flow ODE
+Data at t = 0, noise at t = 1 (docs/methods.md §1, §4). The probability-flow ODE
 
     dx/dt = f(t) x − ½ g(t)² s_θ(x, t)
 

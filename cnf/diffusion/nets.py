@@ -1,6 +1,6 @@
 """Score networks: time embeddings, a time-conditioned MLP, output parameterisations.
 
-Data at t = 0, noise at t = 1 (DESIGN.md §1). A backbone ``net(t, x)``
+Data at t = 0, noise at t = 1 (docs/methods.md §1, §4). A backbone ``net(t, x)``
 (:func:`score_mlp` for vectors, :class:`cnf.diffusion.unet.UNet` and the
 published networks of :mod:`cnf.diffusion.ncsnpp` for images; :data:`SCORE_NETS`)
 predicts one of three targets, converted to the score ``s(t, x) ≈ ∇log p_t(x)``

@@ -1,6 +1,6 @@
 """Samplers for score models: reverse SDE (Euler–Maruyama, predictor–corrector, torchsde) and ODE.
 
-Data at t = 0, noise at t = 1 (DESIGN.md §1): every sampler starts from
+Data at t = 0, noise at t = 1 (docs/methods.md §1, §4): every sampler starts from
 ``x_T ~ π`` at t = 1 and integrates back to the truncation time ε. Each is a
 plain function of ``(score_fn, sde, x_T, options, *, generator)`` (k-diffusion
 style) returning ``(x_ε, {"nfe": score evaluations, ...})``, so "sampler ×

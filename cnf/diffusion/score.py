@@ -1,6 +1,6 @@
 """Denoising score matching with time weightings, and the NELBO of the SDE model.
 
-Data at t = 0, noise at t = 1 (DESIGN.md §1). With the kernel
+Data at t = 0, noise at t = 1 (docs/methods.md §1, §4). With the kernel
 ``x_t = m(t) x_0 + σ(t) z`` the conditional score is ``∇log p_{0t}(x_t|x_0) = −z/σ``,
 and every loss here is a Monte-Carlo estimate of the **time integral**
 

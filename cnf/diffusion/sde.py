@@ -1,7 +1,7 @@
 """Linear forward SDEs of score-based diffusion: VP, sub-VP and VE.
 
-Time convention of the library (DESIGN.md §1): **data at t = 0, noise at
-t = T = 1.** Every SDE here is linear (DESIGN.md §1.3)::
+Time convention of the library (docs/methods.md §1): **data at t = 0, noise at
+t = T = 1.** Every SDE here is linear (docs/methods.md §4)::
 
     dx = f(t) x dt + g(t) dw,        p_{0t}(x_t | x_0) = N(m(t) x_0, σ(t)² I)
 

@@ -1,6 +1,6 @@
 """The flow interface shared by every invertible map in the library.
 
-Convention (one for the whole library, see ``docs/methods.md``): a flow maps
+Convention (one for the whole library, see ``docs/methods.md`` §1): a flow maps
 *data* ``x`` (t = 0) to the *base* variable ``z`` (t = T). ``forward`` is the
 normalising direction and returns the log-determinant of its Jacobian, so that
 

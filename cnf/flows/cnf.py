@@ -1,7 +1,7 @@
 """The continuous normalizing flow block (FFJORD) behind the :class:`~cnf.flows.base.Flow` interface.
 
 Data at ``t0`` (0 unless a family truncates, as score models do at ε), base at
-``t1 = T`` (docs/methods.md §3): :meth:`CNF.transform` integrates
+``t1 = T`` (docs/methods.md §1, §3): :meth:`CNF.transform` integrates
 ``dz/dt = f_θ(t, z)`` from ``t0`` to ``T`` and returns
 ``logdet = ∫ tr(∂f/∂z) dt``, so ``log p(x) = log p_Z(z(T)) + logdet``;
 :meth:`CNF.inverse_transform` integrates back from ``T`` to ``t0`` without the

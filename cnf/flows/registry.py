@@ -12,6 +12,9 @@ glow      :func:`~.multiscale.glow_vector`    :func:`~.multiscale.glow_image`
 resflow   :func:`~.residual.resflow`          :func:`~.residual.resflow`
 ========  ==================================  ================================
 
+and, through the optional extra zuko (:mod:`~.zuko_flows`), for vectors only:
+``zuko.made``, ``zuko.maf``, ``zuko.nsf``.
+
 Example:
     >>> flow = build_flow("glow", event_shape=(3, 32, 32), num_scales=3, steps_per_scale=8)
 """
@@ -34,6 +37,7 @@ from cnf.flows.multiscale import (
     realnvp_vector,
 )
 from cnf.flows.residual import resflow
+from cnf.flows.zuko_flows import zuko_made, zuko_maf, zuko_nsf
 from cnf.registry import Registry
 
 __all__ = ["FLOWS", "FLOWS_OR_IDENTITY", "FlowBuilder", "build_flow"]
@@ -97,6 +101,9 @@ FLOWS: Registry[FlowBuilder] = Registry(
         "nice": FlowBuilder("nice", nice_vector, nice_image),
         "realnvp": FlowBuilder("realnvp", realnvp_vector, realnvp_image),
         "resflow": FlowBuilder("resflow", _resflow_vector, resflow),
+        "zuko.made": FlowBuilder("zuko.made", zuko_made, None),
+        "zuko.maf": FlowBuilder("zuko.maf", zuko_maf, None),
+        "zuko.nsf": FlowBuilder("zuko.nsf", zuko_nsf, None),
     },
 )
 

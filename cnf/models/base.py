@@ -1,4 +1,4 @@
-"""The one interface every model family implements (docs/architecture: "the family contract").
+"""The one interface every model family implements (ARCHITECTURE.md, "The family contract").
 
 Train, evaluate, the likelihood-vs-cost tool and the tables only ever call:
 

@@ -2,7 +2,7 @@
 
 Forward SDE ``dx = f_θ(x,t)dt + g(t)dw`` from the data (``t = t_start``) to
 the prior ``N(0, σ²I)`` (``t = t_end``), backward SDE with drift
-``f_θ − g²s_φ``, both discretised on ``N`` steps (DESIGN.md §1.4;
+``f_θ − g²s_φ``, both discretised on ``N`` steps (docs/methods.md §5;
 :mod:`cnf.diffflow.chain` holds the mathematics). The drift is
 ``f_θ = f_base + (learned residual network)``; ``freeze_drift`` drops the
 residual, which turns the model into the fixed-drift diffusion with drift

@@ -1,6 +1,6 @@
 """Discrete normalizing flows trained by maximum likelihood (the ``flow`` family).
 
-Data at t = 0, base N(0, I) at t = T (DESIGN.md §1.1). Any flow of
+Data at t = 0, base N(0, I) at t = T (docs/methods.md §2). Any flow of
 :data:`cnf.flows.registry.FLOWS` (``nice``, ``realnvp``, ``glow``, ``resflow``)
 maps data ``x`` to ``z``; the model density is
 

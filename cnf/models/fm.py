@@ -4,7 +4,7 @@ Training is simulation-free: the loss regresses a time-conditioned MLP
 ``v_θ(t, x)`` on the velocity ``x1 − x0`` of straight paths between data
 ``x0`` (t = 0) and noise ``x1 ~ N(0, I)`` (t = 1) — see
 :mod:`cnf.diffusion.flow_matching`. The learned field is a CNF in the
-library's convention (docs/methods.md §6), so everything else is FFJORD's code:
+library's convention (docs/methods.md §7), so everything else is FFJORD's code:
 
 * ``evaluate`` integrates ``[z, logdet]`` from t = 0 (data) to t = 1 through
   the library's one likelihood path (:func:`cnf.flows.base.flow_log_prob`

@@ -1,6 +1,6 @@
 """INDM: implicit nonlinear diffusion — a linear diffusion in a flow-mapped latent space.
 
-Data at t = 0, noise at t = 1 (DESIGN.md §1, §1.5). An invertible flow
+Data at t = 0, noise at t = 1 (docs/methods.md §1, §6). An invertible flow
 ``h_φ`` (any flow of :data:`cnf.flows.registry.FLOWS`, or ``identity``) maps
 data ``x`` to a latent ``z = h_φ(x)``; a linear VP / sub-VP / VE SDE runs on
 ``z`` with a score network ``s_θ(z, t)`` there. By Itô's lemma the data-space

@@ -1,6 +1,6 @@
 """Score-based diffusion (VP / sub-VP / VE SDEs) as a :class:`~cnf.models.base.GenerativeModel`.
 
-Data at t = 0, noise at t = 1 (docs/methods.md §3). The model is a score
+Data at t = 0, noise at t = 1 (docs/methods.md §4). The model is a score
 network ``s_θ(t, y)`` for a fixed linear SDE (:mod:`cnf.diffusion.sde`) on the
 preprocessed, flattened data ``y`` (``model.preprocess``; e.g. ``scale 2,
 shift −1`` puts [0, 1] images in [−1, 1]), whose log-determinant is added back
