@@ -39,7 +39,7 @@ from cnf.models import (
     ScoreModel,
     build_model,
 )
-from cnf.nets import ACTIVATIONS, LAYERS, TimeMLP
+from cnf.nets import ACTIVATIONS, CONV_LAYERS, LAYERS, TimeConvNet, TimeMLP
 from cnf.solve import ODESolution, SolverConfig, SolveStats, integrate
 
 __version__ = "0.2.0"
@@ -47,6 +47,7 @@ __version__ = "0.2.0"
 __all__ = [
     "ACTIVATIONS",
     "CNF",
+    "CONV_LAYERS",
     "DATASETS",
     "Dataset",
     "DiffFlow",
@@ -74,6 +75,7 @@ __all__ = [
     "SequentialFlow",
     "SolveStats",
     "SolverConfig",
+    "TimeConvNet",
     "TimeMLP",
     "build_dataset",
     "build_divergence",

@@ -23,7 +23,8 @@ from cnf.divergence import DIVERGENCES, PROBES
 from cnf.flows.registry import FLOWS, FLOWS_OR_IDENTITY
 from cnf.models import MODELS
 from cnf.models.diffflow import DIFFFLOW_NETS
-from cnf.nets import ACTIVATIONS, LAYERS
+from cnf.models.ffjord import FFJORD_ARCHITECTURES, REGULARIZER_NORMS
+from cnf.nets import ACTIVATIONS, CONV_LAYERS, LAYERS
 from cnf.registry import Registry
 from cnf.solve import METHODS
 from cnf.train.loop import OPTIMIZERS, SCHEDULES
@@ -39,6 +40,7 @@ __all__ = [
     "BACKPROP_MODES",
     "BASE_DRIFTS",
     "CONDITIONINGS",
+    "CONV_LAYERS",
     "CORRECTIONS",
     "DATASETS",
     "DEVICES",
@@ -47,6 +49,7 @@ __all__ = [
     "DIFFUSIONS",
     "DIVERGENCES",
     "DTYPES",
+    "FFJORD_ARCHITECTURES",
     "FLOWS",
     "FLOWS_OR_IDENTITY",
     "GRIDS",
@@ -58,6 +61,7 @@ __all__ = [
     "PAIRINGS",
     "PARAMETERIZATIONS",
     "PROBES",
+    "REGULARIZER_NORMS",
     "SCHEDULES",
     "SCORE_NETS",
     "SCORE_SAMPLERS",

@@ -486,11 +486,15 @@ def _check_data(run: schema.Config) -> None:
         what = "<file.npy|file.csv>" if run.data.name == "file" else "<directory>"
         raise ConfigError(f"data.path: data.name={run.data.name} needs data.path={what}")
     family = MODELS[run.model.family]
-    if family.vector_only and dataset_kind(run.data.name, flatten=run.data.flatten) == "image":
+    kind = dataset_kind(run.data.name, flatten=run.data.flatten)
+    if family.vector_only and kind == "image":
         raise ConfigError(
             f"data.flatten: family '{run.model.family}' models flat vectors; "
             f"data.name={run.data.name} needs data.flatten=true"
         )
+    problem = family.check_data(run.model, kind) if family.check_data is not None else None
+    if problem:
+        raise ConfigError(problem)
 
 
 def load_config(path: str | Path, overrides: list[str] = ()) -> DictConfig:

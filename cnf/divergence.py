@@ -71,11 +71,14 @@ class DivergenceEstimator:
     Subclasses implement ``__call__(f, z, probe, *, create_graph, frobenius=False)``:
     ``f`` is the field evaluated at ``z`` (``z`` must be part of the graph of
     ``f``); both have shape ``(B, *event)``. It returns ``div`` of shape ``(B,)``
-    and, if ``frobenius``, the per-sample squared Frobenius norm (else None).
+    (``(B, K)`` for a ``per_probe`` estimator) and, if ``frobenius``, the per-sample squared Frobenius norm (else None).
     :meth:`evaluate` evaluates the field and calls it.
     """
 
     name: str = "base"
+    #: Return one divergence per probe, ``(B, K)``, instead of their mean (see
+    #: :class:`HutchinsonDivergence`); the solver then integrates K log-determinants.
+    per_probe: bool = False
 
     def draw_probe(self, z: Tensor) -> Tensor | None:
         """Draw the probe used for every evaluation of one solve (None if unused)."""
@@ -211,10 +214,16 @@ def jacobian_rows(
 class HutchinsonDivergence(DivergenceEstimator):
     """Hutchinson's stochastic trace ``mean_k ε_kᵀ A ε_k`` with ``num_probes`` probes.
 
+    With ``per_probe`` the ``K`` estimates come back side by side, ``(B, K)``:
+    a solve then integrates one log-determinant per probe (their mean is the
+    ``K``-probe estimate, their spread its standard error; see
+    :func:`cnf.evaluation.summarize`). It costs the same single VJP.
+
     Args:
         probe: ``"gaussian"`` or ``"rademacher"``.
         num_probes: Probes averaged per sample (all in one batched VJP).
         generator: Optional generator for reproducible probes.
+        per_probe: Return the ``K`` estimates instead of their mean.
     """
 
     name = "hutchinson"
@@ -225,6 +234,7 @@ class HutchinsonDivergence(DivergenceEstimator):
         *,
         num_probes: int = 1,
         generator: torch.Generator | None = None,
+        per_probe: bool = False,
     ):
         if probe not in ("gaussian", "rademacher"):
             raise ValueError(f"unknown probe '{probe}'; valid: gaussian, rademacher")
@@ -233,6 +243,7 @@ class HutchinsonDivergence(DivergenceEstimator):
         self.probe = probe
         self.num_probes = num_probes
         self.generator = generator
+        self.per_probe = per_probe
 
     def draw_probe(self, z: Tensor) -> Tensor:
         return sample_probe(
@@ -263,7 +274,8 @@ class HutchinsonDivergence(DivergenceEstimator):
             )
         k, batch = probe.shape[0], probe.shape[1]
         vjp = vjp.reshape(k, batch, -1)
-        div = (vjp * probe.reshape(k, batch, -1)).sum(dim=2).mean(dim=0)
+        per_probe = (vjp * probe.reshape(k, batch, -1)).sum(dim=2)  # (K, B)
+        div = per_probe.T if self.per_probe else per_probe.mean(dim=0)
         frob = vjp.pow(2).sum(dim=2).mean(dim=0) if frobenius else None
         return div, frob
 
@@ -280,12 +292,13 @@ def build_divergence(
     probe: ProbeKind = "gaussian",
     num_probes: int = 1,
     generator: torch.Generator | None = None,
+    per_probe: bool = False,
 ) -> DivergenceEstimator:
     """Registry lookup: ``"exact"`` or ``"hutchinson"`` (with its probe options)."""
     cls = DIVERGENCES[name]
     if cls is ExactDivergence:
         return ExactDivergence()
-    return cls(PROBES[probe], num_probes=num_probes, generator=generator)
+    return cls(PROBES[probe], num_probes=num_probes, generator=generator, per_probe=per_probe)
 
 
 @dataclass(frozen=True)
@@ -320,10 +333,16 @@ class DivergenceConfig:
             return "exact" if dim <= self.exact_max_dim else "hutchinson"
         return self.name
 
-    def build(self, dim: int, *, generator: torch.Generator | None = None) -> DivergenceEstimator:
-        """The estimator for states of dimension ``dim``."""
+    def build(
+        self, dim: int, *, generator: torch.Generator | None = None, per_probe: bool = False
+    ) -> DivergenceEstimator:
+        """The estimator for states of dimension ``dim`` (``per_probe``: keep the K estimates apart)."""
         return build_divergence(
-            self.resolve(dim), probe=self.probe, num_probes=self.num_probes, generator=generator
+            self.resolve(dim),
+            probe=self.probe,
+            num_probes=self.num_probes,
+            generator=generator,
+            per_probe=per_probe,
         )
 
     def describe(self) -> dict[str, object]:

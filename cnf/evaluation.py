@@ -39,7 +39,7 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from cnf.metrics import bits_per_dim, mean_stderr, mmd2_rbf
+from cnf.metrics import bits_per_dim, mean_stderr, mmd2_rbf, probe_stderr
 from cnf.settings import describe
 
 __all__ = [
@@ -72,6 +72,8 @@ class PointEvaluation:
         nfe: Mean function evaluations per evaluation batch (None for models without a solve).
         seconds: Wall time.
         num_points, batch_size, seed: What was evaluated, and how.
+        nll_probes: ``(N, K)`` when the NLL is a Hutchinson estimate: the NLL
+            once per probe (``nll`` is the row mean), else None.
     """
 
     nll: Tensor | None
@@ -82,6 +84,7 @@ class PointEvaluation:
     num_points: int
     batch_size: int
     seed: int
+    nll_probes: Tensor | None = None
 
 
 def _rng_devices(model: Any) -> list[torch.device]:
@@ -110,7 +113,7 @@ def evaluate_points(
         batch_size: Points per ``evaluate`` call.
         seed: Common-random-numbers seed (module docstring).
     """
-    nll, nelbo, nfe = [], [], []
+    nll, nelbo, nfe, nll_probes = [], [], [], []
     transform = data.eval_transform
     transform_rng = np.random.default_rng([seed, 0x0DE9])
     t0 = time.perf_counter()
@@ -126,6 +129,8 @@ def evaluate_points(
                 nll.append(out.nll.double().cpu())
             if out.nelbo is not None:
                 nelbo.append(out.nelbo.double().cpu())
+            if out.nll_probes is not None:
+                nll_probes.append(out.nll_probes.double().cpu())
             if "nfe" in out.stats:
                 nfe.append(float(out.stats["nfe"]))
     if model.device.type == "cuda":
@@ -144,6 +149,7 @@ def evaluate_points(
         num_points=len(x),
         batch_size=batch_size,
         seed=seed,
+        nll_probes=torch.cat(nll_probes) + offset if nll_probes else None,
     )
 
 
@@ -157,12 +163,25 @@ def summarize(result: PointEvaluation, data: Any, *, prefix: str = "") -> dict[s
     a bound on the KL, not the KL), ``entropy`` and ``entropy_stderr``; for
     image data ``{p}bpd`` (+ stderr, ``{p}nelbo_bpd`` when both exist) and
     ``bpd_convention``; ``nll_offset`` when the data were standardised.
+
+    When the NLL is a Hutchinson estimate with ``K`` probes per point
+    (``result.nll_probes``): ``{p}nll_probes`` = K and, for K ≥ 2,
+    ``{p}nll_probe_stderr`` (and ``{p}bpd_probe_stderr``), the standard error
+    of ``{p}nll`` due to the probes alone (:func:`cnf.metrics.probe_stderr`).
+    ``{p}nll_stderr`` is the standard error over the test points, which
+    includes that noise (each point has its own probes); the two are reported
+    apart so that neither is mistaken for the other.
     """
     out: dict[str, Any] = {}
     for name in ("nll", "nelbo"):
         values = getattr(result, name)
         if values is not None:
             out[f"{prefix}{name}"], out[f"{prefix}{name}_stderr"] = mean_stderr(values)
+    if result.nll_probes is not None:
+        out[f"{prefix}nll_probes"] = int(result.nll_probes.shape[1])
+        se = probe_stderr(result.nll_probes)
+        if se == se:  # K >= 2
+            out[f"{prefix}nll_probe_stderr"] = se
     if result.nfe is not None:
         out[f"{prefix}nfe"] = result.nfe
     if result.data_nll is not None and (result.nll is not None or result.nelbo is not None):
@@ -196,6 +215,10 @@ def _bpd(metrics: Mapping[str, Any], data: Any, *, prefix: str) -> dict[str, Any
         )
         out[key] = bits_per_dim(metrics[f"{prefix}{name}"], data.dim, offset_bits=offset)
         out[f"{key}_stderr"] = metrics[f"{prefix}{name}_stderr"] / (data.dim * math.log(2.0))
+        if f"{prefix}{name}_probe_stderr" in metrics:
+            out[f"{key}_probe_stderr"] = metrics[f"{prefix}{name}_probe_stderr"] / (
+                data.dim * math.log(2.0)
+            )
     if out:
         source = "nll" if f"{prefix}nll" in metrics else "nelbo (an upper bound)"
         out["bpd_convention"] = (

@@ -19,6 +19,27 @@ def mean_stderr(values: Tensor | np.ndarray) -> tuple[float, float]:
     return float(v.mean()), se
 
 
+def probe_stderr(values: Tensor | np.ndarray) -> float:
+    """Standard error, due to the probes alone, of the mean of ``K``-probe estimates.
+
+    ``values[i, k]`` is probe ``k``'s estimate for point ``i``; the reported
+    number is ``mean_i mean_k values[i, k]``. With probes independent across
+    points and probes, its variance given the points is
+    ``Σ_i Var_k / (K N²)``, estimated with the per-point sample variances
+    (ddof = 1; ``N (K − 1)`` degrees of freedom). NaN for ``K < 2``.
+
+    Args:
+        values: ``(N, K)``.
+    """
+    v = torch.as_tensor(values, dtype=torch.float64)
+    if v.dim() != 2 or v.shape[0] == 0:
+        raise ValueError(f"probe_stderr needs an (N, K) array, got shape {tuple(v.shape)}")
+    n, k = v.shape
+    if k < 2:
+        return float("nan")
+    return float(v.var(dim=1, unbiased=True).sum().div(k).sqrt() / n)
+
+
 def bits_per_dim(nll_nats: Tensor | float, dim: int, *, offset_bits: float = 8.0) -> Tensor | float:
     """Convert an NLL in nats of data scaled to [0, 1]^D into bits/dim of 8-bit data.
 

@@ -14,6 +14,11 @@ solve) or a ``(B,)`` tensor (one time per sample, as in score matching and
 flow matching). Smooth activations (tanh, softplus, swish) keep adaptive
 solvers cheap. With ``time_embedding`` the layers see features ``e(t)``
 (sinusoidal or Fourier, :mod:`cnf.diffusion.nets`) instead of the raw time.
+
+For images, :data:`CONV_LAYERS` holds the convolutional counterparts under
+the same names (``ignore``, ``concat`` — time as a constant input channel —,
+``squash``, ``concatsquash``, ``blend``; 3×3, stride 1, padding 1) and
+:class:`TimeConvNet` stacks them: the vector field of FFJORD's image CNFs.
 """
 
 from __future__ import annotations
@@ -202,6 +207,16 @@ def _activation_tangent(act: nn.Module, a: Tensor, y: Tensor, da: Tensor) -> Ten
     return d * da
 
 
+def _apply_layers(layers: nn.ModuleList, acts: nn.ModuleList, tt: Tensor, x: Tensor) -> Tensor:
+    """``layer_K(… act_1(layer_1(tt, x)))``: every layer sees the time features, no activation last."""
+    h = x
+    for i, layer in enumerate(layers):
+        h = layer(tt, h)
+        if i < len(acts):
+            h = acts[i](h)
+    return h
+
+
 class TimeMLP(nn.Module):
     """A time-conditioned MLP ``(t, x) -> y``: the one network for vector fields, scores and drifts.
 
@@ -279,13 +294,7 @@ class TimeMLP(nn.Module):
         return tt
 
     def forward(self, t: Tensor | float, x: Tensor) -> Tensor:
-        tt = self.time_features(t, x)
-        h = x
-        for i, layer in enumerate(self.layers):
-            h = layer(tt, h)
-            if i < len(self.acts):
-                h = self.acts[i](h)
-        return h
+        return _apply_layers(self.layers, self.acts, self.time_features(t, x), x)
 
     def forward_with_trace(
         self, t: Tensor | float, x: Tensor, *, frobenius: bool = False
@@ -323,3 +332,166 @@ class TimeMLP(nn.Module):
                 dh = _activation_tangent(self.acts[i], a, h_new, dh)
             h = h_new
         return h, dh.expand(d, x.shape[0], dh.shape[-1])
+
+
+# ------------------------------------------------------------ convolutional layers
+class TimeConv2d(nn.Module):
+    """Base class of the convolutional time layers: ``forward(tt, x)`` on ``(B, C, H, W)``.
+
+    The convolutional counterparts of :data:`LAYERS` (FFJORD's image
+    networks): 3×3 kernels, stride 1, padding 1, so the spatial size is kept.
+    ``tt`` is ``(1, time_dim)`` (one time for the batch, inside an ODE solve)
+    or ``(B, time_dim)``; time-dependent gates and shifts act per channel.
+
+    Args:
+        in_channels, out_channels: Channels of the input and output.
+        time_dim: Width of the time features (1: the raw time).
+    """
+
+    def __init__(self, in_channels: int, out_channels: int, time_dim: int = 1):
+        super().__init__()
+        self.in_channels, self.out_channels, self.time_dim = in_channels, out_channels, time_dim
+        self.conv = _conv3x3(in_channels, out_channels)
+
+    def zero_(self) -> None:
+        """Make the layer output 0 (an identity flow's last layer); gates stay random."""
+        nn.init.zeros_(self.conv.weight)
+        nn.init.zeros_(self.conv.bias)
+
+
+def _conv3x3(in_channels: int, out_channels: int) -> nn.Conv2d:
+    return nn.Conv2d(in_channels, out_channels, kernel_size=3, stride=1, padding=1)
+
+
+def _per_channel(v: Tensor) -> Tensor:
+    """``(1 or B, C) -> (1 or B, C, 1, 1)``: one value per channel, broadcast over the pixels."""
+    return v[:, :, None, None]
+
+
+class IgnoreConv2d(TimeConv2d):
+    """``h' = W * h + b`` (time-independent)."""
+
+    def forward(self, tt: Tensor, x: Tensor) -> Tensor:
+        return self.conv(x)
+
+
+class ConcatConv2d(TimeConv2d):
+    """``h' = W * [t, h] + b``: the time as constant input channel(s), FFJORD's ``concat``.
+
+    One convolution over ``time_dim + C`` channels (time first). It is
+    evaluated as ``W_h * h + W_t * t`` — the convolution of a constant image is
+    computed on one image and broadcast over the batch — which equals the
+    convolution of the concatenation, zero padding included, without copying
+    the batch into a wider tensor at every layer.
+    """
+
+    def __init__(self, in_channels: int, out_channels: int, time_dim: int = 1):
+        super().__init__(in_channels, out_channels, time_dim)
+        self.conv = _conv3x3(in_channels + time_dim, out_channels)
+
+    def forward(self, tt: Tensor, x: Tensor) -> Tensor:
+        w = self.conv.weight
+        k = self.time_dim
+        out = F.conv2d(x, w[:, k:], self.conv.bias, padding=1)
+        plane = _per_channel(tt).expand(tt.shape[0], k, *x.shape[2:])
+        return out + F.conv2d(plane, w[:, :k], padding=1)
+
+
+class SquashConv2d(TimeConv2d):
+    """``h' = (W * h + b) ⊙ σ(W_g t + b_g)`` (a time gate per output channel)."""
+
+    def __init__(self, in_channels: int, out_channels: int, time_dim: int = 1):
+        super().__init__(in_channels, out_channels, time_dim)
+        self.gate = nn.Linear(time_dim, out_channels)
+
+    def forward(self, tt: Tensor, x: Tensor) -> Tensor:
+        return self.conv(x) * _per_channel(torch.sigmoid(self.gate(tt)))
+
+
+class ConcatSquashConv2d(SquashConv2d):
+    """``h' = (W * h + b) ⊙ σ(W_g t + b_g) + W_b t`` (FFJORD's ``concatsquash``)."""
+
+    def __init__(self, in_channels: int, out_channels: int, time_dim: int = 1):
+        super().__init__(in_channels, out_channels, time_dim)
+        self.shift = nn.Linear(time_dim, out_channels, bias=False)
+
+    def forward(self, tt: Tensor, x: Tensor) -> Tensor:
+        return super().forward(tt, x) + _per_channel(self.shift(tt))
+
+    def zero_(self) -> None:
+        super().zero_()
+        nn.init.zeros_(self.shift.weight)
+
+
+class BlendConv2d(TimeConv2d):
+    """``h' = (1 − t)(W₀ * h + b₀) + t (W₁ * h + b₁)`` (raw time only)."""
+
+    def __init__(self, in_channels: int, out_channels: int, time_dim: int = 1):
+        if time_dim != 1:
+            raise ValueError("the blend layer interpolates in the raw time: no time embedding")
+        super().__init__(in_channels, out_channels, time_dim)
+        self.conv1 = _conv3x3(in_channels, out_channels)
+
+    def forward(self, tt: Tensor, x: Tensor) -> Tensor:
+        y0 = self.conv(x)
+        return y0 + (self.conv1(x) - y0) * _per_channel(tt)
+
+    def zero_(self) -> None:
+        super().zero_()
+        nn.init.zeros_(self.conv1.weight)
+        nn.init.zeros_(self.conv1.bias)
+
+
+#: The convolutional layer types, under the names of their :data:`LAYERS` counterparts.
+CONV_LAYERS: Registry[type[TimeConv2d]] = Registry(
+    "convolutional layer type",
+    {
+        "ignore": IgnoreConv2d,
+        "concat": ConcatConv2d,
+        "squash": SquashConv2d,
+        "concatsquash": ConcatSquashConv2d,
+        "blend": BlendConv2d,
+    },
+)
+
+
+class TimeConvNet(nn.Module):
+    """A time-conditioned CNN ``(t, x) -> y`` on images: the vector field of image CNFs.
+
+    ``len(hidden_dims) + 1`` layers of :data:`CONV_LAYERS` (3×3, stride 1,
+    padding 1), the activation between them; the last layer maps back to the
+    ``C`` channels of the state. FFJORD's multi-scale models use ``concat``
+    layers with hidden channels ``(64, 64, 64)`` and softplus.
+
+    Args:
+        channels: Channels ``C`` of the state (in and out).
+        hidden_dims: Channels of the hidden layers, e.g. ``(64, 64, 64)``.
+        layer: One of :data:`CONV_LAYERS`.
+        activation: One of :data:`ACTIVATIONS`.
+        zero_init: Zero the last layer so the field starts at 0 (identity flow; RNODE).
+
+    Shapes: ``t`` scalar or ``(B,)``; ``x`` and the output ``(B, C, H, W)``.
+
+    References:
+        Grathwohl et al., "FFJORD", ICLR 2019, §4 and Appendix B (docs/methods.md §3).
+    """
+
+    def __init__(
+        self,
+        channels: int,
+        hidden_dims: Sequence[int] = (64, 64, 64),
+        *,
+        layer: str = "concat",
+        activation: str = "softplus",
+        zero_init: bool = False,
+    ):
+        super().__init__()
+        dims = [channels, *hidden_dims, channels]
+        layer_cls = CONV_LAYERS[layer]
+        self.layers = nn.ModuleList(layer_cls(a, b) for a, b in zip(dims[:-1], dims[1:]))
+        self.acts = nn.ModuleList(ACTIVATIONS[activation]() for _ in hidden_dims)
+        if zero_init:
+            self.layers[-1].zero_()
+
+    def forward(self, t: Tensor | float, x: Tensor) -> Tensor:
+        return _apply_layers(self.layers, self.acts, _time_column(t, x), x)

@@ -240,14 +240,25 @@ class EvalLogDetSchema:
 # -------------------------------------------------------------------- families
 @dataclass
 class FFJORDSchema:
-    """``model:`` for ``family: ffjord`` (FFJORD, + RNODE with kinetic/jacobian > 0)."""
+    """``model:`` for ``family: ffjord`` (FFJORD, + RNODE with kinetic/jacobian > 0).
+
+    ``architecture``: ``mlp`` (vectors), ``conv`` (one scale of conv CNF blocks
+    on ``(C, H, W)`` images) or ``multiscale`` (FFJORD's ODENVP: ``num_blocks``
+    blocks before and after each squeeze, ``num_scales`` scales, 0 = as many as
+    H and W allow). ``hidden_dims`` are widths (mlp) or channels (conv layers).
+    ``regularizer_norm``: ``sum`` weighs ``∫‖f‖²`` and ``∫‖εᵀ∂f/∂z‖²`` as
+    written; ``per_dim`` is the objective of RNODE's released code (see
+    :mod:`cnf.models.ffjord`).
+    """
 
     family: str = "ffjord"
+    architecture: str = "mlp"
     hidden_dims: list[int] = field(default_factory=lambda: [64, 64, 64])
     layer: str = "concatsquash"
     activation: str = "tanh"
     zero_init: bool = True
     num_blocks: int = 1
+    num_scales: int = 0  # multiscale only; 0 = FFJORD's count from H and W
     batch_norm: bool = False
     time_length: float = 1.0
     learn_time: bool = False
@@ -255,16 +266,29 @@ class FFJORDSchema:
     solver: SolverSchema = field(default_factory=lambda: SolverSchema(name="rk4", steps=8))
     kinetic: float = 0.0  # RNODE weight of ∫‖f‖² dt
     jacobian: float = 0.0  # RNODE weight of ∫‖∂f/∂z‖_F² dt
+    regularizer_norm: str = "sum"  # sum | per_dim (RNODE's released code)
     preprocess: PreprocessSchema = field(default_factory=PreprocessSchema)
 
     def __post_init__(self) -> None:
-        _check("LAYERS", "layer", self.layer)
+        _check("FFJORD_ARCHITECTURES", "architecture", self.architecture)
+        images = self.architecture != "mlp"
+        _check("CONV_LAYERS" if images else "LAYERS", "layer", self.layer)
         _check("ACTIVATIONS", "activation", self.activation)
+        _check("REGULARIZER_NORMS", "regularizer_norm", self.regularizer_norm)
         _widths("hidden_dims", self.hidden_dims)
         if self.divergence.name == "auto":
             raise ValueError("divergence.name: training needs exact or hutchinson")
         _positive(num_blocks=self.num_blocks, time_length=self.time_length)
-        _non_negative(kinetic=self.kinetic, jacobian=self.jacobian)
+        _non_negative(kinetic=self.kinetic, jacobian=self.jacobian, num_scales=self.num_scales)
+        if self.num_scales and self.architecture != "multiscale":
+            raise ValueError(
+                f"num_scales: only for architecture=multiscale, got architecture={self.architecture}"
+            )
+        if self.batch_norm and images:
+            raise ValueError(
+                f"batch_norm: moving batch norm is for vectors; architecture={self.architecture} "
+                "needs batch_norm=false"
+            )
 
 
 @dataclass
@@ -453,10 +477,13 @@ class DataSchema:
     val_size: int = 1000
     flatten: bool = True  # image data: event shape (C*H*W,) for MLPs; false keeps (C, H, W)
     standardize: bool = True  # file data: standardise with training-split statistics
+    hflip: bool = False  # image data: random horizontal flips of the training stream (seeded)
 
     def __post_init__(self) -> None:
         _check("DATASETS", "name", self.name)
         _positive(test_size=self.test_size, val_size=self.val_size)
+        if self.hflip and _registry("DATASETS")[self.name].kind != "image":
+            raise ValueError(f"hflip: flips images; data.name={self.name} is not an image data set")
 
 
 @dataclass

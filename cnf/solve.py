@@ -156,6 +156,8 @@ class ODESolution:
         regularizers: Per-sample integrals ``{"kinetic", "jacobian"}`` that were requested.
         trajectory: States at the requested times, ``(T, B, *event)``, or None.
         stats: NFE counters of this solve.
+        logdet_probes: ``(B, K)``, one log-determinant per Hutchinson probe, for a
+            ``per_probe`` estimator (``logdet`` is their mean); else None.
     """
 
     z: Tensor
@@ -163,6 +165,7 @@ class ODESolution:
     regularizers: dict[str, Tensor] = field(default_factory=dict)
     trajectory: Tensor | None = None
     stats: SolveStats = field(default_factory=SolveStats)
+    logdet_probes: Tensor | None = None
 
 
 class AugmentedDynamics(nn.Module):
@@ -272,8 +275,11 @@ def integrate(
         jacobian=jacobian,
     )
     state = [z0]
-    n_aux = (divergence is not None) + kinetic + jacobian
-    state += [z0.new_zeros(batch) for _ in range(n_aux)]
+    if divergence is not None:
+        # A per-probe estimator integrates one log-determinant per probe: (B, K).
+        per_probe = divergence.per_probe and probe is not None
+        state.append(z0.new_zeros(batch, probe.shape[0]) if per_probe else z0.new_zeros(batch))
+    state += [z0.new_zeros(batch) for _ in range(kinetic + jacobian)]
 
     s_grid = torch.tensor([0.0, 1.0], dtype=z0.dtype, device=z0.device)
     traj_index = None
@@ -313,9 +319,11 @@ def integrate(
     stats = SolveStats.of(dynamics)
     zs = out[0]
     i = 1
-    logdet = None
+    logdet = logdet_probes = None
     if divergence is not None:
         logdet = out[1][-1]
+        if logdet.dim() == 2:
+            logdet_probes, logdet = logdet, logdet.mean(dim=1)
         i = 2
     regs: dict[str, Tensor] = {}
     if kinetic:
@@ -324,4 +332,4 @@ def integrate(
     if jacobian:
         regs["jacobian"] = out[i][-1]
     trajectory = zs[traj_index] if traj_index is not None else None
-    return ODESolution(zs[-1], logdet, regs, trajectory, stats)
+    return ODESolution(zs[-1], logdet, regs, trajectory, stats, logdet_probes)

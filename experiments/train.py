@@ -235,7 +235,14 @@ def format_final(final: dict) -> str:
             f"test NELBO (upper bound on the NLL of the SDE/chain model) {final['test_nelbo']:.4f} ± {final['test_nelbo_stderr']:.4f} nats"
         )
     if "test_bpd" in final:
-        lines.append(f"test bits/dim {final['test_bpd']:.4f}")
+        s = f"test bits/dim {final['test_bpd']:.4f}"
+        if "test_bpd_probe_stderr" in final:
+            s += (
+                f" ± {final['test_bpd_stderr']:.4f} over the test points, of which "
+                f"± {final['test_bpd_probe_stderr']:.4f} from the {final['test_nll_probes']} "
+                "Hutchinson probes"
+            )
+        lines.append(s)
     if "fid" in final:
         info = final["fid_info"]
         lines.append(

@@ -10,8 +10,10 @@ Gradients are all-reduced by DistributedDataParallel during the backward pass
 (the ranks report a DDP-wrapped training step). For every config of
 ``DDP_CONFIGS`` — FFJORD, Glow and a residual flow (ActNorm initialises
 collectively: the init uses the statistics pooled over ranks, i.e. those of
-the global batch), and FFJORD with validation-driven learning-rate drops and
-early stopping (rank 0 validates, the value is broadcast) — after training,
+the global batch), FFJORD with validation-driven learning-rate drops and
+early stopping (rank 0 validates, the value is broadcast), and a tiny
+multi-scale image CNF (conv blocks, squeeze, factor-out, learned T) validated
+by adaptive dopri5 on rank 0 — after training,
 the state dicts the two ranks hold are identical (bit for bit), both ranks took
 the same plateau decisions as the single process, and the loss trajectory
 matches the single-process run on the same global batches to relative 1e-4
@@ -161,6 +163,25 @@ DDP_CONFIGS = {
             "train.schedule=constant",
             "eval.solver.rtol=1e-3",
             "eval.solver.atol=1e-3",
+        ),
+    ),
+    # A tiny multi-scale CNF on (1, 8, 8) digits (3 conv CNF blocks, a squeeze and
+    # a factor-out, learned T): fixed-grid training with the exact trace, so the
+    # two ranks' half-batches reproduce the single process; rank 0 validates
+    # alone with the adaptive dopri5 (Hutchinson: cheap) on the unwrapped model
+    # while rank 1 waits at the broadcast (a deadlock would time the test out).
+    "ffjord_multiscale": (
+        "configs/ffjord/digits.yaml",
+        (
+            "model.hidden_dims=[4]",
+            "model.solver.name=rk4",
+            "model.solver.steps=2",
+            "model.divergence.name=exact",
+            "train.val_every=10",
+            "train.warmup_iters=0",
+            "eval.solver.rtol=1e-3",
+            "eval.solver.atol=1e-3",
+            "eval.divergence.name=hutchinson",
         ),
     ),
 }

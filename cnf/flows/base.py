@@ -78,19 +78,34 @@ class FlowOutput:
         logdet: ``log|det ∂z/∂x|`` per sample ``(B,)``.
         stats: Function evaluations of the continuous blocks' solves.
         regularizers: Per-sample RNODE integrals ``{"kinetic", "jacobian"}`` (summed over blocks).
+        logdet_probes: ``(B, K)``: the log-determinant once per Hutchinson probe
+            when a call keeps them apart (``per_probe`` estimators; ``logdet``
+            is their mean), else None. Blocks without probes add their exact
+            log-determinant to every column.
     """
 
     z: Tensor
     logdet: Tensor
     stats: SolveStats = field(default_factory=SolveStats)
     regularizers: dict[str, Tensor] = field(default_factory=dict)
+    logdet_probes: Tensor | None = None
 
     def then(self, other: FlowOutput) -> FlowOutput:
         """The composition: ``other`` applied to ``self.z``."""
         regs = dict(self.regularizers)
         for k, v in other.regularizers.items():
             regs[k] = regs[k] + v if k in regs else v
-        return FlowOutput(other.z, self.logdet + other.logdet, self.stats + other.stats, regs)
+        probes = None
+        if self.logdet_probes is not None or other.logdet_probes is not None:
+            probes = _probe_columns(self) + _probe_columns(other)
+        return FlowOutput(
+            other.z, self.logdet + other.logdet, self.stats + other.stats, regs, probes
+        )
+
+
+def _probe_columns(out: FlowOutput) -> Tensor:
+    """``(B, K)`` per-probe log-determinants, or ``(B, 1)`` (the exact one, broadcast)."""
+    return out.logdet_probes if out.logdet_probes is not None else out.logdet[:, None]
 
 
 class Flow(nn.Module):

@@ -26,6 +26,7 @@ References:
 from __future__ import annotations
 
 import math
+from collections.abc import Mapping
 
 import torch
 from torch import Tensor, nn
@@ -49,6 +50,9 @@ class CNF(Flow):
         divergence: Trace estimator of calls that do not choose one (training).
         kinetic, jacobian: The RNODE regularisers this block integrates when a
             call asks for them (``FlowSettings.regularize``).
+        regularizer_scale: Factors applied to this block's regularisers
+            (``{"kinetic": a, "jacobian": b}``; absent keys: 1), e.g. RNODE's
+            normalisation by the block's dimension (:mod:`cnf.models.ffjord`).
     """
 
     def __init__(
@@ -62,6 +66,7 @@ class CNF(Flow):
         divergence: DivergenceEstimator | None = None,
         kinetic: bool = False,
         jacobian: bool = False,
+        regularizer_scale: Mapping[str, float] | None = None,
     ):
         super().__init__()
         if time_length <= 0:
@@ -72,6 +77,7 @@ class CNF(Flow):
         self.solver = solver or SolverConfig()
         self.divergence = divergence or ExactDivergence()
         self.kinetic, self.jacobian = kinetic, jacobian
+        self.regularizer_scale = dict(regularizer_scale or {})
 
     def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs):  # noqa: ANN001
         # Checkpoints before the restructure kept a fixed T as a log_T buffer.
@@ -108,7 +114,8 @@ class CNF(Flow):
 
     def transform(self, x: Tensor, settings: FlowSettings = DEFAULT_SETTINGS) -> FlowOutput:
         sol = self.solve(x, settings)
-        return FlowOutput(sol.z, sol.logdet, sol.stats, dict(sol.regularizers))
+        regs = {k: v * self.regularizer_scale.get(k, 1.0) for k, v in sol.regularizers.items()}
+        return FlowOutput(sol.z, sol.logdet, sol.stats, regs, sol.logdet_probes)
 
     def inverse_transform(
         self, z: Tensor, settings: FlowSettings = DEFAULT_SETTINGS

@@ -1,4 +1,4 @@
-"""Multi-scale architectures with factor-out, and the NICE / RealNVP / Glow builders.
+"""Multi-scale architectures with factor-out: the NICE / RealNVP / Glow builders and FFJORD's ODENVP.
 
 **Output convention.** A multi-scale flow maps ``x`` of shape ``(B, C, H, W)``
 to ``z`` of the *same shape* and the total log-determinant, such that
@@ -23,12 +23,20 @@ level transforms it; ``inverse`` recovers it first and then ``z_f``.
 
 All flows map data ``x`` (t = 0) to the base ``z`` (t = T) in ``forward``.
 
+:func:`multiscale_cnf` arranges continuous blocks the same way (FFJORD's
+multi-scale CNF); the blocks' solve statistics, RNODE regularisers and
+per-probe log-determinants add up through the levels like their log-dets.
+
 References:
     Dinh, Sohl-Dickstein, Bengio. Density estimation using Real NVP. ICLR 2017,
     §3.6. Kingma, Dhariwal. Glow. NeurIPS 2018, §3 and Fig. 2b.
+    Grathwohl et al., "FFJORD", ICLR 2019, §4 (docs/methods.md §3).
 """
 
 from __future__ import annotations
+
+import dataclasses
+from collections.abc import Callable
 
 import torch
 from torch import Tensor, nn
@@ -56,8 +64,10 @@ from cnf.solve import SolveStats
 __all__ = [
     "ConditionalStandardization",
     "MultiScaleLevel",
+    "count_scales",
     "glow_image",
     "glow_vector",
+    "multiscale_cnf",
     "nice_vector",
     "realnvp_image",
     "realnvp_vector",
@@ -161,12 +171,12 @@ class MultiScaleLevel(Flow):
         if self.inner is not None:
             k = self._keep(out.z.shape[1])
             h, z_f = out.z[:, :k], out.z[:, k:]
-            logdet = out.logdet
+            out = dataclasses.replace(out, z=h)
             if self.prior is not None:
                 z_f, ld = self.prior(z_f, h)
-                logdet = logdet + ld
+                out = out.then(FlowOutput(h, ld))
             inner = self.inner.transform(h, settings)
-            out = FlowOutput(h, logdet, out.stats, out.regularizers).then(inner)
+            out = out.then(inner)
             out.z = torch.cat([inner.z, z_f], dim=1)
         if self.squeeze is not None:
             out.z = self.squeeze.inverse(out.z)
@@ -322,6 +332,71 @@ def glow_image(
         prior = ConditionalStandardization(keep, 4 * c - keep) if learned_prior else None
         return MultiScaleLevel(
             post=post, inner=build((keep, h // 2, w // 2), scale + 1), prior=prior
+        )
+
+    return build((c, h, w), 0)
+
+
+def count_scales(height: int, width: int) -> int:
+    """FFJORD's number of scales: how often ``H`` and ``W`` can be halved while both are ≥ 4.
+
+    Counted as in the original ``ODENVP``: 3 for 28×28, 4 for 32×32, 2 for 8×8, 1 for 4×4.
+    """
+    n = 0
+    while height >= 4 and width >= 4:
+        n, height, width = n + 1, height // 2, width // 2
+    return n
+
+
+def multiscale_cnf(
+    event_shape: tuple[int, int, int],
+    block: Callable[[tuple[int, int, int]], Flow],
+    *,
+    num_blocks: int = 2,
+    num_scales: int = 0,
+) -> MultiScaleLevel:
+    """FFJORD's multi-scale continuous flow (``ODENVP``) from any shape-preserving block.
+
+    Every scale but the last: ``num_blocks`` blocks, a squeeze
+    ``(C, H, W) -> (4C, H/2, W/2)``, ``num_blocks`` more blocks, then half of
+    the channels are factored out (scored under N(0, I), as in RealNVP) and
+    the other half goes to the next scale. The last scale: ``num_blocks``
+    blocks, no squeeze. With ``num_blocks = 2``: 10 blocks for 28×28, 14 for
+    32×32. :meth:`MultiScaleLevel.inverse_transform` runs the scales in
+    reverse (sampling). The blocks' statistics and regularisers add up.
+
+    Args:
+        event_shape: ``(C, H, W)``.
+        block: ``shape -> Flow`` on ``(B, *shape)``: one CNF block, built afresh per call.
+        num_blocks: Blocks before and after each squeeze.
+        num_scales: Number of scales; 0 = :func:`count_scales` (FFJORD's choice).
+
+    Returns:
+        A :class:`MultiScaleLevel` mapping ``(B, C, H, W)`` to ``z`` of the same shape.
+
+    References:
+        Grathwohl et al., "FFJORD", ICLR 2019, §4 (docs/methods.md §3; the
+        factor-out: §2.4); Dinh, Sohl-Dickstein, Bengio. Real NVP. ICLR 2017, §3.6.
+    """
+    if num_blocks < 1:
+        raise ValueError(f"num_blocks must be >= 1, got {num_blocks}")
+    c, h, w = _check_scales(event_shape, 0)
+    n = num_scales or count_scales(h, w)
+    if n < 1:
+        raise ValueError(f"a multi-scale CNF needs H and W >= 4, got shape {tuple(event_shape)}")
+    _check_scales(event_shape, n - 1)
+
+    def stack(shape: tuple[int, int, int]) -> SequentialFlow:
+        return SequentialFlow(block(shape) for _ in range(num_blocks))
+
+    def build(shape: tuple[int, int, int], scale: int) -> MultiScaleLevel:
+        if scale == n - 1:
+            return MultiScaleLevel(pre=stack(shape), squeeze=False)
+        c, h, w = shape
+        return MultiScaleLevel(
+            pre=stack(shape),
+            post=stack((4 * c, h // 2, w // 2)),
+            inner=build((2 * c, h // 2, w // 2), scale + 1),
         )
 
     return build((c, h, w), 0)

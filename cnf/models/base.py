@@ -70,11 +70,15 @@ class EvalOutput:
         nll: Negative log-likelihood per sample ``(B,)`` (None if the model has none).
         nelbo: Negative ELBO per sample ``(B,)`` — an upper bound on the NLL.
         stats: e.g. ``{"nfe": ...}``.
+        nll_probes: ``(B, K)`` when ``nll`` is a Hutchinson estimate: the NLL
+            once per probe (``nll`` is their mean), from which
+            :func:`cnf.evaluation.summarize` gives the estimator's standard error.
     """
 
     nll: Tensor | None = None
     nelbo: Tensor | None = None
     stats: dict[str, float] = field(default_factory=dict)
+    nll_probes: Tensor | None = None
 
 
 class SampleOutput(NamedTuple):
@@ -224,12 +228,16 @@ class Family:
 
     ``build(model_section, event_shape, eval_section)`` receives the typed
     ``model:`` section (an instance of ``schema``) and the run's ``eval:``
-    section and returns a :class:`GenerativeModel`.
+    section and returns a :class:`GenerativeModel`. ``check_data(model_section,
+    kind)`` (optional) returns a one-line problem, or None, for data of kind
+    ``image`` (kept as ``(C, H, W)``) or ``vector``, when that depends on the
+    model's options.
     """
 
     build: Callable[[Any, tuple[int, ...], Any], GenerativeModel]
     schema: type
     vector_only: bool = False  # the family models flat vectors (data.flatten must stay true)
+    check_data: Callable[[Any, str], str | None] | None = None
 
 
 #: ``model.family`` -> :class:`Family`. Each family's module registers itself
@@ -239,12 +247,16 @@ MODELS: Registry[Family] = Registry("model family")
 
 
 def register_family(
-    name: str, schema: type, *, vector_only: bool = False
+    name: str,
+    schema: type,
+    *,
+    vector_only: bool = False,
+    check_data: Callable[[Any, str], str | None] | None = None,
 ) -> Callable[[Callable[..., GenerativeModel]], Callable[..., GenerativeModel]]:
     """Decorator: register ``build(model_section, event_shape, eval_section)`` as family ``name``."""
 
     def decorator(build: Callable[..., GenerativeModel]) -> Callable[..., GenerativeModel]:
-        MODELS.register(name, Family(build, schema, vector_only))
+        MODELS.register(name, Family(build, schema, vector_only, check_data))
         return build
 
     return decorator
