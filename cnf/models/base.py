@@ -70,11 +70,15 @@ class EvalOutput:
         nll: Negative log-likelihood per sample ``(B,)`` (None if the model has none).
         nelbo: Negative ELBO per sample ``(B,)`` — an upper bound on the NLL.
         stats: e.g. ``{"nfe": ...}``.
+        nll_is_bound: ``nll`` is itself an upper bound (a single-sample
+            estimate of one), not the model's NLL: a variational flow term,
+            e.g. INDM's released global-latent flow (:mod:`cnf.flows.global_latent`).
     """
 
     nll: Tensor | None = None
     nelbo: Tensor | None = None
     stats: dict[str, float] = field(default_factory=dict)
+    nll_is_bound: bool = False
 
 
 class SampleOutput(NamedTuple):
