@@ -22,6 +22,7 @@ from cnf.divergence import DIVERGENCES, PROBES
 from cnf.flows.registry import FLOWS, FLOWS_OR_IDENTITY
 from cnf.models import MODELS
 from cnf.models.diffflow import DIFFFLOW_NETS
+from cnf.models.fm import FM_NETS
 from cnf.nets import ACTIVATIONS, LAYERS
 from cnf.registry import Registry
 from cnf.solve import METHODS
@@ -48,6 +49,7 @@ __all__ = [
     "DTYPES",
     "FLOWS",
     "FLOWS_OR_IDENTITY",
+    "FM_NETS",
     "GRIDS",
     "LAYERS",
     "METHODS",

@@ -290,6 +290,7 @@ class FlowMatchingSchema:
     activation: str = "selu"
     zero_init: bool = False
     preprocess: PreprocessSchema = field(default_factory=PreprocessSchema)
+    net: Any = choice("FM_NETS", "mlp")  # mlp: the keys above; or an image backbone (ddpm, ...)
     reflow_pairs: str | None = None  # train on (x0, x1) pairs from experiments/reflow.py
     init_from: str | None = None  # run folder or checkpoint whose weights start training
 
@@ -450,10 +451,13 @@ class DataSchema:
     val_size: int = 1000
     flatten: bool = True  # image data: event shape (C*H*W,) for MLPs; false keeps (C, H, W)
     standardize: bool = True  # file data: standardise with training-split statistics
+    hflip: bool = False  # image data: random horizontal flips of the training stream (seeded)
 
     def __post_init__(self) -> None:
         _check("DATASETS", "name", self.name)
         _positive(test_size=self.test_size, val_size=self.val_size)
+        if self.hflip and _registry("DATASETS")[self.name].kind != "image":
+            raise ValueError(f"hflip: flips images; data.name={self.name} is not an image data set")
 
 
 @dataclass

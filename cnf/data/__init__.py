@@ -23,7 +23,7 @@ from typing import Any
 import numpy as np
 
 from cnf.data.files import DataError, load_array, split_array
-from cnf.data.images import IMAGE_DATASETS, bpd_offset, dequantize
+from cnf.data.images import IMAGE_DATASETS, bpd_offset, dequantize, flip_horizontally
 from cnf.data.tabular import TABULAR_DATASETS, load_tabular
 from cnf.data.toy import TOY_DATASETS, toy_entropy, toy_log_density
 from cnf.registry import Registry
@@ -187,7 +187,13 @@ def _tabular(name: str, *, path: str | None, batch_size: int, **_: object) -> Da
 
 
 def _image(
-    name: str, *, path: str | None, val_size: int, flatten: bool = True, **_: object
+    name: str,
+    *,
+    path: str | None,
+    val_size: int,
+    flatten: bool = True,
+    hflip: bool = False,
+    **_: object,
 ) -> Dataset:
     arrays = IMAGE_DATASETS[name](path=path, val_size=val_size)
     levels, shape = arrays.num_levels, arrays.image_shape
@@ -196,7 +202,12 @@ def _image(
 
     def sample_train(rng: np.random.Generator, n: int) -> np.ndarray:
         # Fresh dequantisation noise for every batch (docs/methods.md §1).
-        return dequantize(train[rng.integers(0, len(train), size=n)], levels, rng)
+        x = dequantize(train[rng.integers(0, len(train), size=n)], levels, rng)
+        if hflip:
+            # Drawn after the batch from the same generator: the stream stays a
+            # pure function of (seed, iteration), and runs without flips keep theirs.
+            x = flip_horizontally(x, rng.random(n) < 0.5, shape)
+        return x
 
     def eval_transform(x: np.ndarray, rng: np.random.Generator) -> np.ndarray:
         return dequantize(x, levels, rng)
@@ -266,6 +277,7 @@ def build_dataset(
     batch_size: int = 1,
     flatten: bool = True,
     standardize: bool = True,
+    hflip: bool = False,
 ) -> Dataset:
     """Build a registered data set; unknown names raise :class:`DataError` listing the valid ones.
 
@@ -273,7 +285,9 @@ def build_dataset(
     benchmarks). ``flatten`` applies to image data: event shape ``(C·H·W,)``
     (True) or ``(C, H, W)``. ``standardize`` applies to ``file`` data: subtract
     the training split's mean and divide by its std (``Dataset.nll_offset``
-    then converts NLLs back to the file's units).
+    then converts NLLs back to the file's units). ``hflip`` (image data) flips
+    each training image left-right with probability ½ (the training stream
+    only; held-out images are never flipped).
     """
     try:
         spec = DATASETS[name]
@@ -286,6 +300,7 @@ def build_dataset(
         batch_size=batch_size,
         flatten=flatten,
         standardize=standardize,
+        hflip=hflip,
     )
 
 
@@ -299,4 +314,5 @@ def dataset_from_config(cfg: Any) -> Dataset:
         batch_size=cfg.train.batch_size,
         flatten=cfg.data.flatten,
         standardize=cfg.data.standardize,
+        hflip=cfg.data.hflip,
     )

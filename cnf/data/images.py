@@ -59,6 +59,7 @@ __all__ = [
     "ImageArrays",
     "bpd_offset",
     "dequantize",
+    "flip_horizontally",
     "load_celeba64",
     "load_cifar10",
     "load_digits_images",
@@ -92,6 +93,19 @@ def dequantize(levels: np.ndarray, num_levels: int, rng: np.random.Generator) ->
     dequantised in order from the same generator).
     """
     return (levels.astype(np.float64) + rng.random(levels.shape)) / num_levels
+
+
+def flip_horizontally(x: np.ndarray, which: np.ndarray, image_shape: tuple[int, ...]) -> np.ndarray:
+    """Mirror the images ``x[which]`` left-right (data augmentation of a training batch).
+
+    Args:
+        x: ``(N, *event_shape)``, event shape ``(C, H, W)`` or flattened ``(C·H·W,)``.
+        which: ``(N,)`` booleans.
+        image_shape: ``(C, H, W)`` of one image.
+    """
+    images = x.reshape(len(x), *image_shape).copy()
+    images[which] = images[which][..., ::-1]
+    return images.reshape(x.shape)
 
 
 def bpd_offset(num_levels: int) -> float:
