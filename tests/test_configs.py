@@ -47,6 +47,16 @@ SMOKE = (
 
 TEST_ROWS = 64
 
+# Paper configs: a probability-flow solve of a paper-size network at 1e-3 takes
+# many CPU minutes, and their samplers take 1000 steps; the smoke run solves with
+# one rk4 step and samples with 3 steps (the same code paths run).
+PAPER_SMOKE = ("eval.solver.name=rk4", "eval.solver.steps=1")
+PAPER_SAMPLING = {
+    "score": ("model.sampler.steps=3",),
+    "indm": ("model.sampler.steps=3",),
+    "diffflow": ("model.steps=3",),
+}
+
 
 def write_fake_mnist(folder: Path) -> None:
     """Tiny random stand-ins for MNIST's IDX files (the real ones are not downloaded here)."""
@@ -139,6 +149,11 @@ def test_config_trains_two_iterations(path: Path, tmp_path: Path) -> None:
     if name in FAKE_DATA and not OmegaConf.select(raw, "data.path"):
         FAKE_DATA[name](tmp_path)
         overrides.append(f"data.path={tmp_path}")
+    if name in FAKE_DATA:
+        overrides += [
+            *PAPER_SMOKE,
+            *PAPER_SAMPLING.get(str(OmegaConf.select(raw, "model.family")), ()),
+        ]
     cfg = load_config(path, overrides)
     trainer = Trainer(cfg, progress=False, log=lambda _msg: None)
     # Fixed splits (digits, images) ignore data.test_size: evaluate on a slice.
