@@ -5,6 +5,7 @@ A run folder holds::
     config.yaml     the resolved config (written at start)
     metrics.jsonl   one line per logged iteration (the source of truth for tables)
     ckpt.pt         the last checkpoint: atomic, embeds the config, weights_only loadable
+    best.pt         the best-validation weights (train.keep_best): atomic, weights_only loadable
     final.json      the final evaluation (written once training has finished)
     evals.jsonl     one line per later evaluation (experiments/evaluate.py), never rewritten
     wandb_id.txt    the W&B run id, so a requeued run continues the same W&B run
@@ -111,11 +112,12 @@ class RunDir:
     CONFIG = "config.yaml"
     METRICS = "metrics.jsonl"
     CKPT = "ckpt.pt"
+    BEST = "best.pt"
     FINAL = "final.json"
     EVALS = "evals.jsonl"
     WANDB_ID = "wandb_id.txt"
     LOCK = ".lock"
-    OWN_FILES = (CONFIG, METRICS, CKPT, FINAL, EVALS, WANDB_ID)
+    OWN_FILES = (CONFIG, METRICS, CKPT, BEST, FINAL, EVALS, WANDB_ID)
     # What an atomic write leaves behind when killed mid-write (cnf.train.checkpoint).
     TEMP_RE = re.compile(r"^(" + "|".join(re.escape(n) for n in OWN_FILES) + r")\.[^/]+\.tmp$")
 
@@ -164,6 +166,16 @@ class RunDir:
 
     def load_checkpoint(self, map_location: str | torch.device = "cpu") -> dict[str, Any]:
         return load_checkpoint(self.ckpt_path, map_location=map_location)
+
+    def has_best(self) -> bool:
+        return self.file(self.BEST).is_file()
+
+    def save_best(self, state: dict[str, Any]) -> None:
+        """Replace ``best.pt`` atomically: ``{"weights", "iteration", "metric", "value"}``."""
+        save_checkpoint(self.file(self.BEST), state)
+
+    def load_best(self, map_location: str | torch.device = "cpu") -> dict[str, Any]:
+        return load_checkpoint(self.file(self.BEST), map_location=map_location)
 
     def read_wandb_id(self) -> str | None:
         path = self.file(self.WANDB_ID)
@@ -214,11 +226,14 @@ class RunDir:
         except Exception:
             raise RunFolderError(f"run.dir {path}: config.yaml is unreadable") from None
         new = to_dict(cfg)
-        old_iters = old.get("train", {}).get("iters")
+        old_train = old.get("train", {})
+        old_iters = old_train.get("iters")
+        t = cfg.train
         if (
             old_iters is not None
-            and old_iters != cfg.train.iters
-            and cfg.train.schedule != "constant"
+            and old_iters != t.iters
+            and t.schedule != "constant"
+            and not t.budget_seconds  # a budget run's schedule spans its own, stored count
         ):
             # A cosine schedule spans train.iters: changing it rewrites the learning
             # rates of iterations already done, so the run could not resume exactly.
@@ -226,6 +241,14 @@ class RunDir:
                 f"run.dir {path} was trained with train.iters={old_iters}; "
                 f"train.schedule={cfg.train.schedule} spans train.iters, so it cannot change "
                 "on resume (use the same train.iters, or choose another run.dir)"
+            )
+        plateau = t.keep_best or t.lr_drop_after or t.early_stop_after
+        if plateau and old_train.get("val_every", t.val_every) != t.val_every:
+            # Validations decide the learning rate and the stop: their spacing is training.
+            raise RunFolderError(
+                f"run.dir {path} was trained with train.val_every={old_train['val_every']}; "
+                "with train.lr_drop_after, early_stop_after or keep_best it cannot change "
+                "on resume (use the same value, or choose another run.dir)"
             )
         diff = config_differences(old, new)
         if diff:
@@ -310,6 +333,7 @@ class LoadedRun:
     data: Any
     iteration: int
     final: dict[str, Any] | None
+    restored_iteration: int | None = None  # train.keep_best: the iteration of the weights
 
 
 def check_eval_overrides(overrides: list[str]) -> None:
@@ -363,9 +387,22 @@ def load_run(
     data = dataset_from_config(cfg)
     model = build_model(cfg, data.event_shape)
     weights = state["ema"] if state.get("ema") is not None else state["model"]
+    restored = None
+    if cfg.train.keep_best and folder.has_best():
+        # What the run's test evaluation used: its best-validation weights.
+        best = folder.load_best()
+        weights, restored = best["weights"], int(best["iteration"])
     model.load_state_dict(weights)
     model = model.to(resolve_device(cfg.device), DTYPES[cfg.dtype]).eval()
-    return LoadedRun(folder.path, cfg, model, data, int(state["iteration"]), folder.read_final())
+    return LoadedRun(
+        folder.path,
+        cfg,
+        model,
+        data,
+        int(state["iteration"]),
+        folder.read_final(),
+        restored,
+    )
 
 
 def load_weights(model: torch.nn.Module, source: str | Path, *, key: str) -> None:

@@ -475,10 +475,38 @@ class TrainSchema:
     ckpt_every: int = 500  # iterations between checkpoints
     ckpt_minutes: float = 10.0  # also checkpoint on this wall-clock timer; 0 = off
     val_every: int = 0  # validation NLL every N iterations; 0 = off
+    # Validation: the model's evaluation settings with these flat/dotted keys changed
+    # (e.g. {divergence: {name: hutchinson}}); {} = the eval: section's settings.
+    val_settings: dict[str, Any] = field(default_factory=dict)
+    # Plateau rule of FFJORD's train_tabular.py (cnf.train.plateau): multiply the
+    # learning rate by lr_drop_factor once more validations in a row than each
+    # count have not improved ([10, 20] there), stop after more than
+    # early_stop_after of them (30 there; 0 = off).
+    lr_drop_after: list[int] = field(default_factory=list)
+    lr_drop_factor: float = 0.1
+    early_stop_after: int = 0
+    keep_best: bool = False  # keep the best-validation weights; the test evaluates them
+    # Wall-clock budget of training seconds (0 = off): the iteration count is fixed
+    # once, from the seconds per iteration of the first budget_warmup_iters
+    # iterations, at most train.iters; the schedule spans that count.
+    budget_seconds: float = 0.0
+    budget_warmup_iters: int = 20
 
     def __post_init__(self) -> None:
         _check("OPTIMIZERS", "optimizer", self.optimizer)
         _check("SCHEDULES", "schedule", self.schedule)
+        _non_negative(budget_seconds=self.budget_seconds, early_stop_after=self.early_stop_after)
+        if self.budget_warmup_iters < 2:
+            raise ValueError(f"budget_warmup_iters: must be >= 2, got {self.budget_warmup_iters}")
+        if not 0 < self.lr_drop_factor < 1:
+            raise ValueError(f"lr_drop_factor: must be in (0, 1), got {self.lr_drop_factor}")
+        drops = list(self.lr_drop_after)
+        if any(n < 0 for n in drops) or any(b <= a for a, b in zip(drops, drops[1:])):
+            raise ValueError(f"lr_drop_after: must be increasing counts >= 0, got {drops}")
+        if not self.val_every:
+            for key in ("lr_drop_after", "early_stop_after", "keep_best"):
+                if getattr(self, key):
+                    raise ValueError(f"{key}: needs validation, set train.val_every > 0")
         _positive(
             batch_size=self.batch_size,
             lr=self.lr,
@@ -558,7 +586,8 @@ class SweepSchema:
     """A sweep file (``configs/sweeps/*.yaml``; format in :mod:`cnf.sweep`)."""
 
     name: str = MISSING_STR
-    base: str = MISSING_STR  # the training config, relative to this file or the repository
+    # The training config, relative to this file or the repository, or a list of them.
+    base: Any = MISSING_STR
     overrides: dict[str, Any] = field(default_factory=dict)  # fixed dotted overrides
     axes: dict[str, Any] = field(default_factory=dict)  # dotted key -> list of values
     zip: list[list[str]] = field(default_factory=list)  # axes that vary together
@@ -573,7 +602,7 @@ class SweepSchema:
                 f"name: {self.name!r} must be letters, digits, '.', '_' or '-' (it names a folder)"
             )
         _non_empty(
-            base=(self.base, "the path of a training config is required"),
+            base=(self.base, "the path of a training config (or a list of them) is required"),
             axes=(self.axes, "must be a non-empty mapping of dotted keys to lists"),
             runs_root=(self.runs_root, "must be a folder path"),
         )

@@ -15,7 +15,15 @@ A sweep file::
     slurm: {partition: gpu, gpus: 1, cpus_per_task: 4, mem: 16G, time: "04:00:00"}  # slurm/launch.py
 
 expands to the Cartesian product of the axes, where each ``zip`` group counts
-as one axis whose lists are walked in step (above: 2 × 2 × 3 = 12 runs). Every
+as one axis whose lists are walked in step (above: 2 × 2 × 3 = 12 runs).
+``base`` may also be a list of training configs, and a file name may name an
+axis in braces, filled in per run: ``../ffjord/{data.name}.yaml`` picks each
+data set's own config (for settings that differ by more than a few keys).
+The runs are then every base × the axes' product, each folder name starting
+with its base's label (``<folder>-<stem>``, or ``<folder>`` for a template)::
+
+    base: [../ffjord/{data.name}.yaml, ../flows/glow_tabular.yaml]
+    axes: {data.name: [power, gas], seed: [0]}     # 2 bases x 2 sets = 4 runs Every
 run gets a deterministic folder named by a readable digest of its axis values
 (``data.name-checkerboard__model.jacobian-0.01__model.kinetic-0.01_s0``), so a
 relaunched sweep finds its runs again: finished ones are skipped, partial ones
@@ -50,6 +58,9 @@ __all__ = [
     "load_sweep",
     "manifest_text",
     "plan",
+    "base_label",
+    "fill_base",
+    "run_base",
     "run_name",
     "run_status",
 ]
@@ -68,12 +79,13 @@ class Sweep:
 
     name: str
     path: Path
-    base: Path
+    base: Path  # the first base
     overrides: dict[str, Any]
     axes: dict[str, list[Any]]
     zip: tuple[tuple[str, ...], ...]
     runs_root: Path
     slurm: dict[str, Any] = field(default_factory=dict)  # validated by slurm/launch.py
+    bases: tuple[str, ...] = ()  # absolute base templates, when the file lists several
 
     @property
     def folder(self) -> Path:
@@ -92,6 +104,7 @@ class Run:
     run_dir: Path
     seed: int
     config: dict[str, Any] = field(default_factory=dict, compare=False, repr=False)  # resolved
+    base: Path | None = None  # its training config, when the sweep lists several
 
     @property
     def train_overrides(self) -> list[str]:
@@ -99,7 +112,8 @@ class Run:
         return [*self.overrides, f"run.dir={format_value(str(self.run_dir))}"]
 
     def describe(self) -> str:
-        return " ".join(f"{k}={format_value(v)}" for k, v in self.axis_values.items())
+        axes = " ".join(f"{k}={format_value(v)}" for k, v in self.axis_values.items())
+        return f"{base_label(self.base)} {axes}" if self.base is not None else axes
 
 
 def _check_key(key: Any, where: str) -> str:
@@ -147,7 +161,6 @@ def load_sweep(
         raise SweepError(f"{where}: {_format_omegaconf_error(e, root_schema)}") from None
     except (ValueError, ConfigError) as e:
         raise SweepError(f"{where}: {str(e).splitlines()[0]}") from None
-    base = _find_base(spec.base, path, search, where)
     overrides = {_check_key(k, f"{where}: overrides"): v for k, v in spec.overrides.items()}
     axes: dict[str, list[Any]] = {}
     for key, values in spec.axes.items():
@@ -175,16 +188,51 @@ def load_sweep(
             shown = ", ".join(f"{k} has {n}" for k, n in zip(group, lengths))
             raise SweepError(f"{where}: zip group axes must have equal lengths ({shown})")
         groups.append(tuple(group))
+    bases = _find_bases(spec.base, axes, path, search, where)
     return Sweep(
         name=spec.name,
         path=path,
-        base=base,
+        base=fill_base(bases[0], {k: v[0] for k, v in axes.items()}),
+        bases=bases if len(bases) > 1 or _PLACEHOLDER.search(bases[0]) else (),
         overrides=dict(overrides),
         axes=axes,
         zip=tuple(groups),
         runs_root=Path(runs_root if runs_root is not None else spec.runs_root),
         slurm=dict(spec.slurm),
     )
+
+
+_PLACEHOLDER = re.compile(r"\{([A-Za-z_][A-Za-z0-9_.]*)\}")
+
+
+def fill_base(template: str, axis_values: Mapping[str, Any]) -> Path:
+    """A base template with its ``{axis}`` placeholders replaced by the run's values."""
+    return Path(_PLACEHOLDER.sub(lambda m: str(axis_values[m.group(1)]), template))
+
+
+def _find_bases(
+    listed: Any, axes: Mapping[str, list[Any]], path: Path, search: Sequence[str | Path], where: str
+) -> tuple[str, ...]:
+    """Every base as an absolute template; each file it can name must exist."""
+    listed = listed if isinstance(listed, list) else [listed]
+    if not listed:
+        raise SweepError(f"{where}: base must be a training config or a non-empty list of them")
+    out: list[str] = []
+    for base in listed:
+        if not isinstance(base, str):
+            raise SweepError(f"{where}: base must be the path of a training config, got {base!r}")
+        keys = _PLACEHOLDER.findall(base)
+        if _PLACEHOLDER.search(str(Path(base).parent)):
+            raise SweepError(f"{where}: base {base}: an axis may only be named in the file name")
+        for key in keys:
+            if key not in axes:
+                raise SweepError(f"{where}: base {base}: {{{key}}} is not an axis")
+        combos = [dict(zip(keys, v)) for v in itertools.product(*(axes[k] for k in keys))]
+        found = [_find_base(str(fill_base(base, c)), path, search, where) for c in combos]
+        out.append(str(found[0].parent / Path(base).name) if keys else str(found[0]))
+    if len(set(out)) < len(out):
+        raise SweepError(f"{where}: base lists a config twice")
+    return tuple(out)
 
 
 def _find_base(base: Any, path: Path, search: Sequence[str | Path], where: str) -> Path:
@@ -276,15 +324,22 @@ def _short_hash(values: Mapping[str, Any]) -> str:
     return hashlib.sha1(canon.encode()).hexdigest()[:8]
 
 
-def run_name(axis_values: Mapping[str, Any], seed: int) -> str:
-    """``<key-value>__<key-value>..._s<seed>``: keys sorted, seed as the suffix.
+def base_label(base: str | Path) -> str:
+    """``<folder>-<stem>`` of a config (``rnode/power.yaml`` → ``rnode-power``); ``<folder>`` of a template."""
+    base = Path(base)
+    return base.parent.name if _PLACEHOLDER.search(base.name) else f"{base.parent.name}-{base.stem}"
+
+
+def run_name(axis_values: Mapping[str, Any], seed: int, *, prefix: str = "") -> str:
+    """``[<prefix>__]<key-value>__<key-value>..._s<seed>``: keys sorted, seed as the suffix.
 
     Characters that do not belong in a folder name become ``-``; a digest longer
     than :data:`MAX_DIGEST` characters is cut and completed by a short hash of
     the values, so names stay unique and short.
     """
     values = {k: v for k, v in axis_values.items() if k != "seed"}
-    parts = [f"{k}-{_token(values[k])}" for k in sorted(values)]
+    parts = [prefix] if prefix else []
+    parts += [f"{k}-{_token(values[k])}" for k in sorted(values)]
     digest = re.sub(r"[^A-Za-z0-9._+-]+", "-", "__".join(parts))
     if len(digest) > MAX_DIGEST:
         digest = digest[: MAX_DIGEST - 10].rstrip("-_.") + "-" + _short_hash(values)
@@ -306,25 +361,41 @@ def plan(sweep: Sweep, *, absolute: bool = True) -> list[Run]:
 
     root = sweep.folder.absolute() if absolute else sweep.folder
     fixed = [f"{k}={format_value(v)}" for k, v in sweep.overrides.items()]
-    try:
-        base_cfg = load_config(sweep.base, fixed)
-    except ConfigError as e:
-        raise SweepError(f"{sweep.path}: base {sweep.base} with overrides: {e}") from None
-    base_tags = [str(t) for t in base_cfg.track.tags]
     runs: list[Run] = []
-    for i, values in enumerate(expand(sweep)):
-        axis = [f"{k}={format_value(v)}" for k, v in values.items()]
-        tags = base_tags + [f"{k}={_token(v)}"[:64] for k, v in values.items()]
-        track = [f"track.group={format_value(sweep.name)}", f"track.tags={format_value(tags)}"]
-        overrides = (*fixed, *axis, *track)
-        try:
-            cfg = load_config(sweep.base, list(overrides))
-        except ConfigError as e:
-            raise SweepError(f"{sweep.path}: run {' '.join(axis)}: {e}") from None
-        name = run_name(values, int(cfg.seed))
-        runs.append(
-            Run(i, name, dict(values), tuple(overrides), root / name, int(cfg.seed), to_dict(cfg))
-        )
+    tags_of: dict[Path, list[str]] = {}
+    for template in sweep.bases or (str(sweep.base),):
+        label = base_label(template) if sweep.bases else ""
+        for values in expand(sweep):
+            base = fill_base(template, values)
+            if base not in tags_of:
+                try:
+                    base_cfg = load_config(base, fixed)
+                except ConfigError as e:
+                    raise SweepError(f"{sweep.path}: base {base} with overrides: {e}") from None
+                tags_of[base] = [str(t) for t in base_cfg.track.tags]
+            base_tags = tags_of[base] + ([f"base={label}"] if label else [])
+            axis = [f"{k}={format_value(v)}" for k, v in values.items()]
+            tags = base_tags + [f"{k}={_token(v)}"[:64] for k, v in values.items()]
+            track = [f"track.group={format_value(sweep.name)}", f"track.tags={format_value(tags)}"]
+            overrides = (*fixed, *axis, *track)
+            try:
+                cfg = load_config(base, list(overrides))
+            except ConfigError as e:
+                where = f"{label} " if label else ""
+                raise SweepError(f"{sweep.path}: run {where}{' '.join(axis)}: {e}") from None
+            name = run_name(values, int(cfg.seed), prefix=label)
+            runs.append(
+                Run(
+                    len(runs),
+                    name,
+                    dict(values),
+                    tuple(overrides),
+                    root / name,
+                    int(cfg.seed),
+                    to_dict(cfg),
+                    base if label else None,
+                )
+            )
     _check_unique(sweep, runs)
     return runs
 
@@ -332,7 +403,7 @@ def plan(sweep: Sweep, *, absolute: bool = True) -> list[Run]:
 def _check_unique(sweep: Sweep, runs: list[Run]) -> None:
     by_values: dict[str, Run] = {}
     for r in runs:
-        key = json.dumps(r.axis_values, sort_keys=True, default=str)
+        key = json.dumps([str(r.base), r.axis_values], sort_keys=True, default=str)
         if key in by_values:
             raise SweepError(
                 f"{sweep.path}: runs {by_values[key].index} and {r.index} are identical ({r.describe()})"
@@ -357,7 +428,13 @@ def _check_unique(sweep: Sweep, runs: list[Run]) -> None:
                     r.run_dir.parent / new,
                     r.seed,
                     r.config,
+                    r.base,
                 )
+
+
+def run_base(run: Run, base: Path) -> Path:
+    """The training config of ``run``: its own, or the sweep's single ``base``."""
+    return run.base if run.base is not None else base
 
 
 def run_status(run: Run) -> str:
@@ -369,14 +446,17 @@ def run_status(run: Run) -> str:
 
 # --------------------------------------------------------------- manifest
 def manifest_text(runs: Sequence[Run], base: Path) -> str:
-    """JSON lines, line *i* = array task *i*: ``config``, ``overrides``, ``run_dir``, ``name``."""
+    """JSON lines, line *i* = array task *i*: ``config``, ``overrides``, ``run_dir``, ``name``.
+
+    ``config`` is the run's own base when the sweep lists several, else ``base``.
+    """
     lines = []
     for r in runs:
         entry = {
             "index": r.index,
             "name": r.name,
             "run_dir": str(r.run_dir),
-            "config": str(base),
+            "config": str(run_base(r, base)),
             "overrides": r.train_overrides,
         }
         lines.append(json.dumps(entry, sort_keys=True))

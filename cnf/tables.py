@@ -439,6 +439,10 @@ def read_run_folder(path: Path) -> RunFolder | str:
     except (OSError, ValueError) as e:
         return RunFolder(path, cfg, None, f"final.json unreadable ({str(e).splitlines()[0]})")
     done = final.get("iterations")
+    if final.get("stop_reason") == "early_stopping":
+        iters = done  # ended by its validation rule, not by the count
+    elif isinstance(final.get("budget_iters"), int):
+        iters = final["budget_iters"]  # a budget run's count, fixed once and stored
     if isinstance(done, int) and isinstance(iters, int) and done < iters:
         return RunFolder(path, cfg, None, f"final.json is from iteration {done} of {iters} (stale)")
     return RunFolder(path, cfg, final, warning=_add_fid_file(path, final))

@@ -62,7 +62,10 @@ def _shown(path: Path) -> str:
 def print_plan(sweep, runs, statuses) -> None:
     plural = "s" if len(runs) != 1 else ""
     print(f"sweep {sweep.name}: {len(runs)} run{plural} from {_shown(sweep.path.absolute())}")
-    print(f"base config: {_shown(sweep.base)}")
+    if sweep.bases:
+        print("base configs: " + ", ".join(_shown(Path(b)) for b in sweep.bases))
+    else:
+        print(f"base config: {_shown(sweep.base)}")
     width = max(len(_shown(r.run_dir)) for r in runs)
     for r, st in zip(runs, statuses):
         print(f"  [{r.index:>3}] {st:<9} {_shown(r.run_dir):<{width}}  {r.describe()}")
@@ -80,6 +83,8 @@ def run_local(sweep, runs, statuses, *, jobs: int) -> int:
     import signal
     import subprocess
     import time
+
+    from cnf.sweep import run_base
 
     todo = [r for r, st in zip(runs, statuses) if st in ("new", "partial")]
     for r, st in zip(runs, statuses):
@@ -108,7 +113,7 @@ def run_local(sweep, runs, statuses, *, jobs: int) -> int:
         while todo and not stopping and len(running) < jobs:
             r = todo.pop(0)
             log_path = log_dir / f"{r.name}.log"
-            cmd = [sys.executable, "-u", str(TRAIN), "--config", str(sweep.base)]
+            cmd = [sys.executable, "-u", str(TRAIN), "--config", str(run_base(r, sweep.base))]
             cmd += r.train_overrides
             fh = open(log_path, "ab")  # noqa: SIM115 - closed when the run ends
             # Own session: a Ctrl-C in the terminal reaches only this launcher,

@@ -143,3 +143,14 @@ def run_dir(tmp_path: Path) -> Path:
 @pytest.fixture(scope="session")
 def repo() -> Path:
     return REPO
+
+
+@pytest.fixture(scope="session")
+def maf_archive(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A small MAF archive in the real file formats (``tests/maf_archive.py``), all five sets.
+
+    Its loader cache goes to ``<archive>/.cnf_cache`` (``CNF_CACHE`` is unset for it).
+    """
+    from maf_archive import write_archive
+
+    return write_archive(tmp_path_factory.mktemp("maf"))

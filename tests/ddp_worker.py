@@ -5,7 +5,9 @@
 
 The training is :class:`cnf.train.loop.Trainer`'s, as in ``experiments/train.py``
 (rank 0 writes ``run.dir``); afterwards each rank writes the state dict it holds
-to ``DIR/rank<r>.pt``, so a test can check that the ranks trained one model.
+to ``DIR/rank<r>.pt``, so a test can check that the ranks trained one model, and
+``DIR/rank<r>.json``: the type of its training-step module, its plateau counters
+and the learning rate it ended with.
 Without ``torchrun`` it is a single-process run and writes ``DIR/rank0.pt``.
 No evaluation runs: the test compares the training, not the test NLL.
 """
@@ -13,6 +15,7 @@ No evaluation runs: the test compares the training, not the test NLL.
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import sys
 from pathlib import Path
@@ -44,6 +47,13 @@ def main() -> None:
         assert trainer.train() == "finished"
         args.out.mkdir(parents=True, exist_ok=True)
         torch.save(trainer.model.state_dict(), args.out / f"rank{info.rank}.pt")
+        record = {
+            "step_module": type(trainer.step_module).__name__,
+            "plateau": trainer.plateau.state_dict(),
+            "lr": trainer.scheduler.get_last_lr()[0],
+            "iteration": trainer.iteration,
+        }
+        (args.out / f"rank{info.rank}.json").write_text(json.dumps(record))
         distributed.barrier()
     finally:
         distributed.cleanup()

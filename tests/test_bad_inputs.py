@@ -54,6 +54,20 @@ def test_bad_input_is_one_line_at_dry_run(overrides, config, words, tmp_path: Pa
     assert not (tmp_path / "r").exists()
 
 
+def test_an_option_only_the_builder_can_check_is_one_line_and_writes_nothing(
+    tmp_path: Path,
+) -> None:
+    rc, out, err = run_train(
+        "model.flow.mask=diagonal",
+        "train.iters=1",
+        f"run.dir={tmp_path / 'r'}",
+        config="configs/flows/realnvp_toy.yaml",
+    )
+    line = assert_clean_failure(rc, err)
+    assert "mask" in line and "checkerboard" in line and "half" in line, line
+    assert not (tmp_path / "r").exists()
+
+
 def test_type_error_inside_a_yaml_file_names_the_key_plainly(tmp_path: Path) -> None:
     path = tmp_path / "c.yaml"
     path.write_text(

@@ -6,12 +6,16 @@ mathematics is the same, so the loss trajectories agree up to float32
 summation order. Stated tolerance: relative 1e-4 on every logged loss over
 40 iterations (observed: ~2e-7). Only rank 0 writes the run folder.
 
-Models with a data-dependent initialisation (ActNorm in Glow and residual
-flows) initialise collectively: each rank holds a slice of the global batch,
-and the init uses the statistics pooled over ranks, i.e. those of the global
-batch. Test: after training, the state dicts the two ranks hold are identical
-(bit for bit), and the loss trajectory matches the single-process run on the
-same global batches to relative 1e-4 per logged loss over 20 iterations.
+Gradients are all-reduced by DistributedDataParallel during the backward pass
+(the ranks report a DDP-wrapped training step). For every config of
+``DDP_CONFIGS`` — FFJORD, Glow and a residual flow (ActNorm initialises
+collectively: the init uses the statistics pooled over ranks, i.e. those of
+the global batch), and FFJORD with validation-driven learning-rate drops and
+early stopping (rank 0 validates, the value is broadcast) — after training,
+the state dicts the two ranks hold are identical (bit for bit), both ranks took
+the same plateau decisions as the single process, and the loss trajectory
+matches the single-process run on the same global batches to relative 1e-4
+per logged loss over 20 iterations.
 
 A SIGTERM to ``torchrun`` (what ``srun`` passes on when SLURM pre-empts a DDP
 task) reaches every rank; the ranks agree on the iteration to stop at, rank 0
@@ -64,7 +68,7 @@ def torchrun(run_dir: Path, **popen) -> subprocess.Popen:
 
 def losses(run_dir: Path) -> list[float]:
     lines = (run_dir / "metrics.jsonl").read_text().splitlines()
-    return [json.loads(x)["loss"] for x in lines]
+    return [r["loss"] for r in map(json.loads, lines) if "loss" in r]  # not validation lines
 
 
 @pytest.fixture(scope="module")
@@ -131,8 +135,13 @@ def test_sigterm_to_torchrun_checkpoints_all_ranks_and_resumes_exactly(tmp_path,
     assert abs(ours["test_nll"] - ref["test_nll"]) <= 1e-6
 
 
-# Small versions of the toy Glow and residual-flow configs (ActNorm in every step/block).
-DATA_INIT_CONFIGS = {
+# Configs whose two-rank training must hold one model (bit for bit on every rank) and
+# follow the single-process loss trajectory: name -> (config, overrides). ActNorm in
+# every Glow step and residual block initialises collectively; the plateau case
+# validates on rank 0 and broadcasts the value, so both ranks take the same
+# learning-rate and stop decisions. Add a config here to cover it.
+DDP_CONFIGS = {
+    "ffjord": (TOY_CONFIG, ("model.hidden_dims=[16,16]",)),
     "glow": (
         "configs/flows/glow_toy.yaml",
         ("model.flow_kwargs.num_steps=3", "model.flow_kwargs.hidden_features=16"),
@@ -141,25 +150,38 @@ DATA_INIT_CONFIGS = {
         "configs/flows/resflow_toy.yaml",
         ("model.flow_kwargs.num_blocks=2", "model.flow_kwargs.hidden_features=16"),
     ),
+    "ffjord_plateau": (
+        TOY_CONFIG,
+        (
+            "model.hidden_dims=[16,16]",
+            "train.val_every=3",
+            "train.lr_drop_after=[0]",
+            "train.early_stop_after=3",
+            "train.keep_best=true",
+            "train.schedule=constant",
+            "eval.solver.rtol=1e-3",
+            "eval.solver.atol=1e-3",
+        ),
+    ),
 }
-DATA_INIT_ITERS = 20
+DDP_ITERS = 20
 
 
-@pytest.mark.parametrize("name", sorted(DATA_INIT_CONFIGS))
-def test_data_dependent_init_is_collective(tmp_path, name):
-    config, model_overrides = DATA_INIT_CONFIGS[name]
+@pytest.mark.parametrize("name", sorted(DDP_CONFIGS))
+def test_ranks_hold_one_model_and_match_one_process(tmp_path, name):
+    config, model_overrides = DDP_CONFIGS[name]
     settings = (
         *model_overrides,
         "data.test_size=200",
         "data.val_size=50",
-        f"train.iters={DATA_INIT_ITERS}",
+        f"train.iters={DDP_ITERS}",
         "train.batch_size=64",
         "train.log_every=1",
         "train.ckpt_every=1000",
         "track.wandb=disabled",
         "device=cpu",
     )
-    states, trajectories = {}, {}
+    states, records, trajectories = {}, {}, {}
     for mode, launcher in (("ddp", TORCHRUN), ("single", [PYTHON])):
         out = tmp_path / mode
         cmd = [*launcher, "tests/ddp_worker.py", "--config", config, "--out", str(out)]
@@ -169,16 +191,36 @@ def test_data_dependent_init_is_collective(tmp_path, name):
         )
         assert proc.returncode == 0, proc.stdout + proc.stderr
         states[mode] = [torch.load(p, weights_only=True) for p in sorted(out.glob("rank*.pt"))]
+        records[mode] = [json.loads(p.read_text()) for p in sorted(out.glob("rank*.json"))]
         trajectories[mode] = losses(out / "run")
     rank0, rank1 = states["ddp"]
     assert rank0.keys() == rank1.keys()
     differ = [k for k in rank0 if not torch.equal(rank0[k], rank1[k])]
     assert not differ, f"{name}: ranks hold different {differ}"
+    # Gradients went through DDP (bucketed all-reduce overlapping the backward pass).
+    assert [r["step_module"] for r in records["ddp"]] == ["DistributedDataParallel"] * 2
+    assert records["single"][0]["step_module"] == "TrainingLoss"
     a, b = trajectories["single"], trajectories["ddp"]
-    assert len(a) == len(b) == DATA_INIT_ITERS
+    assert len(a) == len(b) > 0
     worst = max(abs(x - y) / abs(x) for x, y in zip(a, b))
     print(f"{name}: DDP vs single process: max relative loss difference {worst:.2e}")
     assert worst <= RTOL
+    # The plateau decisions (validation on rank 0, broadcast) agree on both ranks
+    # and with the single process.
+    r0, r1 = records["ddp"]
+    assert r0["plateau"]["validated_at"] == r1["plateau"]["validated_at"]
+    assert (r0["plateau"]["drops"], r0["lr"], r0["iteration"]) == (
+        r1["plateau"]["drops"],
+        r1["lr"],
+        r1["iteration"],
+    )
+    single = records["single"][0]
+    assert (single["plateau"]["drops"], single["iteration"]) == (
+        r0["plateau"]["drops"],
+        r0["iteration"],
+    )
+    if "val_every" in " ".join(model_overrides):
+        assert r0["plateau"]["validated_at"] is not None
 
 
 def test_torchrun_is_available():

@@ -3,7 +3,11 @@
 * A local training run stopped with SIGTERM or SIGUSR1 at a random moment
   checkpoints, exits with code 3, and — rerun with the same command — ends
   with exactly the metrics of an uninterrupted run (same seed, CPU): every
-  logged loss identical, test NLL equal to 1e-6.
+  logged loss identical, test NLL equal to 1e-6. Also with validation-driven
+  training (the ``plateau`` variant: validation every 10 iterations,
+  learning-rate drops and early stopping on a hair trigger, best weights kept):
+  the best value, the counters and the drops live in the checkpoint, so every
+  validation line, the restored iteration and the best weights match too.
 * ``save_checkpoint`` killed with SIGKILL in the middle of writing leaves the
   previous checkpoint loadable (``weights_only=True``) and unchanged.
 """
@@ -38,6 +42,17 @@ SETTINGS = (
     "eval.solver.atol=1e-4",
 )
 TIMING_KEYS = {"sec_per_iter", "train_seconds", "eval_seconds"}
+VARIANTS = {
+    "plain": SETTINGS,
+    "plateau": (
+        *SETTINGS,
+        "train.val_every=10",
+        "train.lr_drop_after=[0,1]",
+        "train.early_stop_after=2",
+        "train.keep_best=true",
+        "train.lr=0.03",  # high enough to plateau: two drops, then a stop at iteration 130
+    ),
+}
 
 
 def _records(run_dir: Path) -> list[dict]:
@@ -46,18 +61,32 @@ def _records(run_dir: Path) -> list[dict]:
 
 
 @pytest.fixture(scope="module")
-def reference(tmp_path_factory) -> Path:
-    run_dir = tmp_path_factory.mktemp("reference") / "run"
-    rc, out, err = run_train(*SETTINGS, f"run.dir={run_dir}")
-    assert rc == 0, out + err
-    return run_dir
+def references(tmp_path_factory) -> dict[str, Path]:
+    """Uninterrupted runs of each variant, trained when a test first asks for one."""
+    cache: dict[str, Path] = {}
+
+    class Lazy(dict):
+        def __missing__(self, variant: str) -> Path:
+            run_dir = tmp_path_factory.mktemp(f"reference-{variant}") / "run"
+            rc, out, err = run_train(*VARIANTS[variant], f"run.dir={run_dir}")
+            assert rc == 0, out + err
+            self[variant] = run_dir
+            return run_dir
+
+    return Lazy(cache)
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGUSR1], ids=["TERM", "USR1"])
-def test_signal_at_random_moment_then_resume_is_exact(tmp_path, reference, sig):
+@pytest.mark.parametrize(
+    ("sig", "variant"),
+    [(signal.SIGTERM, "plain"), (signal.SIGUSR1, "plain"), (signal.SIGUSR1, "plateau")],
+    ids=["TERM", "USR1", "USR1-plateau"],
+)
+def test_signal_at_random_moment_then_resume_is_exact(tmp_path, references, sig, variant):
+    reference = references[variant]
+    settings = VARIANTS[variant]
     run_dir = tmp_path / "run"
-    cmd = [PYTHON, "experiments/train.py", "--config", TOY_CONFIG, *SETTINGS, f"run.dir={run_dir}"]
+    cmd = [PYTHON, "experiments/train.py", "--config", TOY_CONFIG, *settings, f"run.dir={run_dir}"]
     log = open(tmp_path / "first.log", "w")  # noqa: SIM115
     proc = subprocess.Popen(
         cmd, cwd=REPO, env=subprocess_env(), stdout=log, stderr=subprocess.STDOUT
@@ -84,14 +113,27 @@ def test_signal_at_random_moment_then_resume_is_exact(tmp_path, reference, sig):
     assert 0 < stopped_at < 150
     assert load_checkpoint(run_dir / "ckpt.pt")["iteration"] == stopped_at
 
-    rc, out, err = run_train(*SETTINGS, f"run.dir={run_dir}")
+    rc, out, err = run_train(*settings, f"run.dir={run_dir}")
     assert rc == 0, out + err
     assert f"from iteration {stopped_at}" in out
-    assert _records(run_dir) == _records(reference)  # every loss, NFE, grad norm, lr
+    assert _records(run_dir) == _records(reference)  # every loss, NFE, grad norm, lr, val NLL
     ours = json.loads((run_dir / "final.json").read_text())
     ref = json.loads((reference / "final.json").read_text())
-    assert ours["iterations"] == ref["iterations"] == 150
+    assert ours["iterations"] == ref["iterations"]
     assert abs(ours["test_nll"] - ref["test_nll"]) <= 1e-6
+    if variant == "plain":
+        assert ours["iterations"] == 150
+        return
+    print(
+        f"plateau run: {ours['stop_reason']} at {ours['iterations']}, {ours['lr_drops']} lr "
+        f"drops, best at {ours['restored_iteration']}"
+    )
+    assert ours["lr_drops"] > 0  # the state under test was exercised
+    for key in ("stop_reason", "lr_drops", "best_val", "restored_iteration", "restored_val_nll"):
+        assert ours[key] == ref[key], key
+    a, b = load_checkpoint(run_dir / "best.pt"), load_checkpoint(reference / "best.pt")
+    assert a["iteration"] == b["iteration"]
+    assert all(torch.equal(a["weights"][k], b["weights"][k]) for k in a["weights"])
 
 
 # ------------------------------------------------------- SIGKILL mid-write

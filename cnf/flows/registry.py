@@ -14,6 +14,9 @@ resflow_  :func:`~.global_latent.             :func:`~.global_latent.
 global    global_latent_resflow`              global_latent_resflow`
 ========  ==================================  ================================
 
+and, through the optional extra zuko (:mod:`~.zuko_flows`), for vectors only:
+``zuko.made``, ``zuko.maf``, ``zuko.nsf``.
+
 ``resflow_global`` is INDM's released flow: a residual flow conditioned on a
 global latent with an encoder and a prior, whose flow term is a variational
 bound (:mod:`cnf.flows.global_latent`), not an exact log-determinant.
@@ -41,6 +44,7 @@ from cnf.flows.multiscale import (
     realnvp_vector,
 )
 from cnf.flows.residual import resflow
+from cnf.flows.zuko_flows import zuko_made, zuko_maf, zuko_nsf
 from cnf.registry import Registry
 
 __all__ = ["FLOWS", "FLOWS_OR_IDENTITY", "FlowBuilder", "build_flow"]
@@ -112,6 +116,9 @@ FLOWS: Registry[FlowBuilder] = Registry(
         "resflow_global": FlowBuilder(
             "resflow_global", _global_latent_vector, global_latent_resflow
         ),
+        "zuko.made": FlowBuilder("zuko.made", zuko_made, None),
+        "zuko.maf": FlowBuilder("zuko.maf", zuko_maf, None),
+        "zuko.nsf": FlowBuilder("zuko.nsf", zuko_nsf, None),
     },
 )
 

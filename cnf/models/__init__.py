@@ -60,8 +60,15 @@ __all__ = [
 
 
 def build_model(cfg: Any, event_shape: tuple[int, ...]) -> GenerativeModel:
-    """Build the model of a resolved run config (:func:`cnf.config.load_config`)."""
-    from cnf.config import typed
+    """Build the model of a resolved run config (:func:`cnf.config.load_config`).
+
+    A value the schema cannot check on its own (an option a builder rejects,
+    e.g. an unknown coupling mask) is a one-line :class:`~cnf.config.ConfigError`.
+    """
+    from cnf.config import ConfigError, typed
 
     run = typed(cfg)
-    return MODELS[run.model.family].build(run.model, tuple(event_shape), run.eval)
+    try:
+        return MODELS[run.model.family].build(run.model, tuple(event_shape), run.eval)
+    except ValueError as e:
+        raise ConfigError(f"model: {e}") from None

@@ -117,7 +117,7 @@ class FFJORD(ChainModel):
                 stats[name] = float(value.detach())
         stats["nfe_forward"] = out.stats.nfe_forward
         if any(c.log_T is not None for c in self.cnfs):
-            stats["T"] = float(sum(c.T for c in self.cnfs))
+            stats["T"] = sum(float(torch.as_tensor(c.T).detach()) for c in self.cnfs)
         solve = out.stats
         return LossOutput(loss, stats, lambda: {"nfe_backward": solve.nfe_backward})
 

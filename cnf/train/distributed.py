@@ -4,17 +4,20 @@ Importable and usable without a process group: every helper is a no-op (or
 returns its input) when ``WORLD_SIZE`` is 1, so the single-process path of the
 training loop never branches on it.
 
-Data parallelism here is deliberately manual rather than
-``DistributedDataParallel``: a model's training entry point is
-:meth:`~cnf.models.base.GenerativeModel.training_loss`, not ``forward``, so DDP's
-forward hooks would not see it. Instead each rank computes the loss on its
-shard of the global batch, and :func:`average_gradients` all-reduces the
-gradients and floating buffers (such as moving batch-norm statistics) in one
-flat all-reduce, and the logged statistics with a stop flag in a second, tiny
-one (float64, so counts such as NFE stay exact).
-With equal shards, the mean of the per-rank mean losses is the global-batch
-mean, so the averaged gradient equals the single-process gradient up to
-floating-point summation order.
+Gradients are averaged by :class:`torch.nn.parallel.DistributedDataParallel`,
+which all-reduces them in buckets from autograd hooks while the backward pass
+is still running, so communication overlaps computation (what matters at
+image scale). DDP only hooks a module's ``forward``, and a model's training
+entry point is :meth:`~cnf.models.base.GenerativeModel.training_loss`, so
+:func:`data_parallel` wraps the model in :class:`TrainingLoss`, a module
+whose ``forward`` *is* the training loss. Buffers are not broadcast by DDP
+(rank 0's would win); instead :func:`average_gradients` averages the floating
+buffers (such as moving batch-norm statistics, which each rank updates from
+its shard) in one flat all-reduce after the backward pass, and the logged
+statistics with a stop flag in a second, tiny one (float64, so counts such as
+NFE stay exact). With equal shards, the mean of the per-rank mean losses is
+the global-batch mean, so the averaged gradient equals the single-process
+gradient up to floating-point summation order.
 
 Parameters are only broadcast at the start and never averaged afterwards, so a
 data-dependent initialisation must give the same values on every rank: ActNorm
@@ -24,27 +27,34 @@ Spectral-norm power iterations depend only on the (identical) weights.
 
 Evaluation never runs collectively: adaptive ODE solvers take a data-dependent
 number of steps, so ranks would wait on each other's collectives forever.
-Rank 0 evaluates the unwrapped model alone.
+Rank 0 evaluates the unwrapped model alone (never the DDP wrapper), and shares
+what the other ranks must know (a validation value, a measured speed) with
+:func:`broadcast_float` once it is done.
 """
 
 from __future__ import annotations
 
 import datetime
+import math
 import os
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
+from typing import Any
 
 import torch
-from torch import nn
+from torch import Tensor, nn
 
 __all__ = [
     "DistInfo",
+    "TrainingLoss",
     "average_gradients",
     "barrier",
+    "broadcast_float",
     "broadcast_module",
     "cleanup",
     "env_info",
     "init",
+    "data_parallel",
     "is_distributed",
 ]
 
@@ -126,6 +136,59 @@ def broadcast_module(module: nn.Module, src: int = 0) -> None:
         torch.distributed.broadcast(t.data, src)
 
 
+def broadcast_float(value: float | None, src: int = 0) -> float:
+    """``src``'s ``value`` on every rank (float64; None travels as NaN). Alone: ``value``."""
+    if not is_distributed():
+        return math.nan if value is None else float(value)
+    backend = torch.distributed.get_backend()
+    device = torch.device("cuda", torch.cuda.current_device()) if backend == "nccl" else "cpu"
+    t = torch.tensor([math.nan if value is None else float(value)], dtype=torch.float64)
+    t = t.to(device)
+    torch.distributed.broadcast(t, src)
+    return float(t.cpu()[0])
+
+
+class TrainingLoss(nn.Module):
+    """``forward(x)`` = ``model.training_loss(x).loss``, so that DDP's hooks see the training step.
+
+    The whole :class:`~cnf.models.base.LossOutput` of the last call (its
+    statistics) is kept in :attr:`last`.
+    """
+
+    def __init__(self, model: nn.Module):
+        super().__init__()
+        self.model = model
+        self.last: Any = None
+
+    def forward(self, x: Tensor) -> Tensor:
+        self.last = self.model.training_loss(x)
+        return self.last.loss
+
+
+def data_parallel(model: nn.Module, device: torch.device) -> nn.Module:
+    """``model``'s training loss as a module; under a process group, wrapped in DDP.
+
+    Args:
+        model: A :class:`~cnf.models.base.GenerativeModel` (identical on every
+            rank: call :func:`broadcast_module` first).
+        device: This rank's device (CUDA: one GPU per rank).
+
+    Returns:
+        A module whose ``forward(x)`` returns the scalar loss; its
+        :class:`TrainingLoss` (``.module`` under DDP) holds the last statistics.
+        Gradients reach every rank already averaged when ``backward`` returns.
+    """
+    loss = TrainingLoss(model)
+    if not is_distributed():
+        return loss
+    return nn.parallel.DistributedDataParallel(
+        loss,
+        device_ids=[device] if device.type == "cuda" else None,
+        # Buffers are averaged after the step (average_gradients), not copied from rank 0.
+        broadcast_buffers=False,
+    )
+
+
 @torch.no_grad()
 def average_gradients(
     params: Iterable[nn.Parameter],
@@ -138,7 +201,8 @@ def average_gradients(
 
     One flat all-reduce (sum, then divide by the world size). Parameters
     without a gradient are skipped; every rank runs the same code, so the set
-    is the same on all of them.
+    is the same on all of them. The training loop passes no parameters: DDP
+    (:func:`data_parallel`) has averaged their gradients during the backward pass.
 
     Args:
         params: Parameters whose ``.grad`` is replaced by the rank mean.

@@ -7,7 +7,30 @@ checkpoint continues exactly as an uninterrupted run would.
 
 Data-parallel runs (``torchrun``) pass ``rank``/``world_size``: each rank
 trains on its slice of the same global batch, gradients are averaged over
-ranks (:mod:`cnf.train.distributed`), and only rank 0 writes files.
+ranks by DDP during the backward pass (:mod:`cnf.train.distributed`), and
+only rank 0 writes files.
+
+**Validation** (``train.val_every``) scores the validation split under the
+evaluation settings changed by ``train.val_settings``. With
+``train.lr_drop_after`` / ``early_stop_after`` the validations drive the
+learning rate and the stop (:class:`cnf.train.plateau.Plateau`, FFJORD's
+tabular rule); with ``train.keep_best`` each improvement replaces the run
+folder's ``best.pt`` and the test evaluation restores it (``final.json``:
+``restored_iteration``, ``restored_val_nll``). A run that ends by its
+iteration count validates its last iteration too, so it competes.
+
+**Budget** (``train.budget_seconds``): the first ``train.budget_warmup_iters``
+iterations are timed (the first one left out: it pays one-off costs), and
+the iteration count is fixed once, at most ``train.iters``, so that the
+budget of training seconds is spent; until then the schedule's progress is
+held at 0, afterwards it spans that count. The count is in the checkpoint:
+a resumed run ends exactly where an uninterrupted one with that count does,
+however fast its machine. Iterations that slow down later (an adaptive
+solver's NFE grows) overrun the budget; ``final.json`` gives
+``budget_seconds``, ``budget_iters`` and ``budget_spent_seconds``.
+
+The counters of both (best value, validations without improvement, drops
+done, the fixed count) are in the checkpoint, so resume stays exact.
 """
 
 from __future__ import annotations
@@ -34,8 +57,9 @@ from cnf.evaluation import (
 )
 from cnf.models import GenerativeModel, build_model
 from cnf.registry import Registry
-from cnf.rundir import DTYPES, RunDir, RunFolderError, resolve_device
+from cnf.rundir import DTYPES, RunDir, RunFolderError, flatten_config, resolve_device
 from cnf.train import distributed
+from cnf.train.plateau import Plateau
 from cnf.train.tracking import JsonlTracker
 
 __all__ = ["OPTIMIZERS", "SCHEDULES", "NonFiniteError", "Trainer", "iteration_seed"]
@@ -76,6 +100,9 @@ class Trainer:
         tracker: Extra tracker (e.g. W&B) that mirrors ``metrics.jsonl``.
         log: Where human-readable lines go.
         progress: Show a tqdm progress bar (on a terminal).
+        rank, world_size: This process's place in a data-parallel job.
+        clock: Seconds of a monotonic clock (tests pass a fake one): times the
+            iterations (``train_seconds``, the budget).
     """
 
     def __init__(
@@ -87,8 +114,10 @@ class Trainer:
         progress: bool = True,
         rank: int = 0,
         world_size: int = 1,
+        clock: Callable[[], float] = time.perf_counter,
     ):
         self.cfg = cfg
+        self.clock = clock
         self.log = log
         self.rank, self.world_size = rank, world_size
         if cfg.train.batch_size % world_size:
@@ -108,6 +137,11 @@ class Trainer:
         torch.manual_seed(cfg.seed)
         self.model = build_model(cfg, self.data.event_shape).to(self.device, self.dtype)
         self.ema = copy.deepcopy(self.model).eval() if cfg.train.ema > 0 else None
+        t = cfg.train
+        self.plateau = Plateau(tuple(t.lr_drop_after), t.early_stop_after)
+        # The fixed iteration count of a budget run and the first iteration's seconds.
+        self.budget: dict[str, Any] = {"iters": None, "first_seconds": None}
+        self.val_settings = self.eval_model.with_settings(flatten_config(to_dict(t.val_settings)))
         self.optimizer = self._build_optimizer()
         self.scheduler = torch.optim.lr_scheduler.LambdaLR(self.optimizer, self._lr_factor)
         self.iteration = 0
@@ -117,6 +151,7 @@ class Trainer:
         self.progress = progress
         self._stop_reason: str | None = None
         self._lock = None
+        self.step_module: torch.nn.Module | None = None  # the training step (DDP-wrapped)
 
     # ----------------------------------------------------------------- set-up
     def _build_optimizer(self) -> torch.optim.Optimizer:
@@ -127,12 +162,32 @@ class Trainer:
         params = groups(t.lr) if groups is not None else self.model.parameters()
         return cls(params, lr=t.lr, weight_decay=t.weight_decay)
 
+    @property
+    def planned_iters(self) -> int | None:
+        """The iteration the run ends at: ``train.iters``, or a budget run's fixed count
+        (None until it is fixed). Early stopping may end it sooner."""
+        if self.cfg.train.budget_seconds > 0:
+            return self.budget["iters"]
+        return self.cfg.train.iters
+
     def _lr_factor(self, step: int) -> float:
         t = self.cfg.train
+        drop = t.lr_drop_factor**self.plateau.drops
         if t.warmup_iters and step < t.warmup_iters:
-            return (step + 1) / t.warmup_iters
-        span = max(1, t.iters - t.warmup_iters)
-        return SCHEDULES[t.schedule](min(1.0, (step - t.warmup_iters) / span))
+            return drop * (step + 1) / t.warmup_iters
+        iters = self.planned_iters
+        if iters is None:  # a budget run before its count is fixed
+            return drop * SCHEDULES[t.schedule](0.0)
+        span = max(1, iters - t.warmup_iters)
+        return drop * SCHEDULES[t.schedule](min(1.0, (step - t.warmup_iters) / span))
+
+    def _apply_lr(self) -> None:
+        """Set the learning rates of the next step now (after a drop or a fixed count)."""
+        step = self.scheduler.last_epoch
+        lrs = [base * self._lr_factor(step) for base in self.scheduler.base_lrs]
+        for group, lr in zip(self.optimizer.param_groups, lrs):
+            group["lr"] = lr
+        self.scheduler._last_lr = lrs  # what get_last_lr() reports
 
     @property
     def ckpt_path(self):  # noqa: ANN201 - a Path
@@ -146,6 +201,8 @@ class Trainer:
             "scheduler": self.scheduler.state_dict(),
             "iteration": self.iteration,
             "train_seconds": self.train_seconds,
+            "plateau": self.plateau.state_dict(),
+            "budget": dict(self.budget),
             "wandb_id": self.wandb_id,
             "config": to_dict(self.cfg),
             "torch_version": str(torch.__version__),
@@ -159,6 +216,8 @@ class Trainer:
         self.scheduler.load_state_dict(state["scheduler"])
         self.iteration = int(state["iteration"])
         self.train_seconds = float(state["train_seconds"])
+        self.plateau.load_state_dict(state.get("plateau", {}))
+        self.budget.update(state.get("budget", {}))
         self.wandb_id = state.get("wandb_id")
 
     def save(self) -> None:
@@ -209,15 +268,14 @@ class Trainer:
                 be.copy_(bm)
 
     def train(self) -> str:
-        """Run until ``train.iters``; returns ``"finished"`` or ``"interrupted"``."""
+        """Run to the planned iteration (or an early stop); ``"finished"`` or ``"interrupted"``."""
         cfg = self.cfg
-        total = cfg.train.iters
         bar = None
         if self.progress and self.rank == 0:
             from tqdm import tqdm
 
             bar = tqdm(
-                total=total,
+                total=self.planned_iters,
                 initial=self.iteration,
                 disable=not sys.stderr.isatty(),
                 dynamic_ncols=True,
@@ -231,8 +289,11 @@ class Trainer:
             distributed.broadcast_module(self.model)
             if self.ema is not None:
                 distributed.broadcast_module(self.ema)
+        # The training loss as a module: DDP-wrapped under a process group, so that
+        # gradients are all-reduced in buckets while the backward pass runs.
+        step_module = self.step_module = distributed.data_parallel(self.model, self.device)
         self.model.train()
-        while self.iteration < total:
+        while not self._done():
             if stop_agreed if parallel else self._stop_reason is not None:
                 self.save()
                 self.log(
@@ -244,13 +305,13 @@ class Trainer:
                 distributed.barrier()
                 return "interrupted"
             it = self.iteration + 1
-            t0 = time.perf_counter()
+            t0 = self.clock()
             torch.manual_seed(iteration_seed(cfg.seed, it, self.rank))
             x = self._batch(it)
             if hasattr(self.model, "set_iteration"):  # e.g. a progressive number of steps
                 self.model.set_iteration(it)
-            out = self.model.training_loss(x)
-            loss = out.loss
+            loss = step_module(x)
+            out = (step_module.module if parallel else step_module).last
             if not parallel and not torch.isfinite(loss):
                 raise NonFiniteError(self._nonfinite_message("loss", float(loss.detach()), it))
             self.optimizer.zero_grad(set_to_none=True)
@@ -258,10 +319,10 @@ class Trainer:
             loss_value = float(loss.detach())
             stats = {**out.stats, **(out.after_backward() if out.after_backward else {})}
             if parallel:
-                # After the all-reduce every rank holds the same gradients, the
-                # rank-mean loss and statistics, and the same decision to stop.
+                # DDP has averaged the gradients; now the buffers, the rank-mean loss
+                # and statistics, and the decision to stop (the same on every rank).
                 reduced, stop_agreed = distributed.average_gradients(
-                    self.model.parameters(),
+                    (),
                     buffers=self.model.buffers(),
                     stats={"loss": loss_value, **stats},
                     stop=self._stop_reason is not None,
@@ -281,10 +342,14 @@ class Trainer:
             if self.ema is not None:
                 self._ema_update()
             self.iteration = it
-            self.train_seconds += time.perf_counter() - t0
+            self.train_seconds += self.clock() - t0
             window_iters += 1
+            if cfg.train.budget_seconds > 0 and self.budget["iters"] is None:
+                self._budget_step(it)
+                if bar is not None and self.budget["iters"] is not None:
+                    bar.total = self.budget["iters"]
 
-            if it % cfg.train.log_every == 0 or it == total:
+            if it % cfg.train.log_every == 0 or it == self.planned_iters:
                 now = time.perf_counter()
                 record = {
                     "loss": loss_value,
@@ -304,11 +369,11 @@ class Trainer:
                     )
                 elif self.rank == 0 and it % (cfg.train.log_every * 25) == 0:
                     self.log(
-                        f"iter {it}/{total} loss {loss_value:.4f} nfe {record.get('nfe_forward', '-')}"
+                        f"iter {it}/{self.planned_iters or '?'} loss {loss_value:.4f} "
+                        f"nfe {record.get('nfe_forward', '-')}"
                     )
-            if cfg.train.val_every and it % cfg.train.val_every == 0 and self.rank == 0:
-                val = self.evaluate_split(self.data.val, prefix="val_")
-                self._log(val, it)
+            if cfg.train.val_every and it % cfg.train.val_every == 0:
+                self.validate()
             if bar is not None:
                 bar.update(1)
             timer_due = (
@@ -320,8 +385,92 @@ class Trainer:
                 last_ckpt_time = time.monotonic()
         if bar is not None:
             bar.close()
+        if cfg.train.budget_seconds > 0 and self.budget["iters"] is None:
+            self.budget["iters"] = self.iteration  # train.iters came before the warm-up's end
+        if cfg.train.keep_best and self.plateau.validated_at != self.iteration:
+            self.validate()  # the last weights compete for the best too
         self.save()
         return "finished"
+
+    def _done(self) -> bool:
+        if self.plateau.stopped:
+            return True
+        planned = self.planned_iters
+        return self.iteration >= (planned if planned is not None else self.cfg.train.iters)
+
+    @property
+    def stop_reason(self) -> str:
+        """Why training ended: ``early_stopping`` | ``budget`` | ``iterations``."""
+        if self.plateau.stopped:
+            return "early_stopping"
+        return "budget" if self.cfg.train.budget_seconds > 0 else "iterations"
+
+    def _budget_step(self, it: int) -> None:
+        """Time the warm-up; at its end fix the iteration count once (the same on every rank)."""
+        t = self.cfg.train
+        if self.budget["first_seconds"] is None:
+            # The first iteration of the run (resumed runs have it in the checkpoint).
+            self.budget["first_seconds"] = self.train_seconds
+        if it < t.budget_warmup_iters:
+            return
+        count = None
+        if self.rank == 0:
+            timed = max(1, it - 1)  # iterations 2..it
+            per_iter = (self.train_seconds - self.budget["first_seconds"]) / timed
+            left = t.budget_seconds - self.train_seconds
+            count = t.iters if per_iter <= 0 else it + max(0, math.floor(left / per_iter))
+            count = max(it, min(t.iters, count))
+        self.budget["iters"] = int(distributed.broadcast_float(count))
+        self._apply_lr()  # the schedule now spans the fixed count
+        self.log(
+            f"budget {t.budget_seconds:g} s: {self.budget['iters']} iterations "
+            f"({self.train_seconds / it:.4f} s per iteration so far)"
+        )
+
+    def validate(self) -> dict[str, Any]:
+        """Score the validation split (rank 0) and apply the plateau rule (every rank).
+
+        Logs ``val_*`` metrics with ``val_best`` and ``val_bad`` (validations
+        without improvement); an improvement replaces ``best.pt``
+        (``train.keep_best``); a learning-rate drop takes effect at the next step.
+        """
+        t = self.cfg.train
+        it = self.iteration
+        record: dict[str, Any] = {}
+        value = None
+        if self.rank == 0:
+            record = self.evaluate_split(self.data.val, prefix="val_", settings=self.val_settings)
+            value = record.get("val_nll", record.get("val_nelbo"))
+        # The other ranks wait here while rank 0 evaluates alone (no collective inside).
+        value = distributed.broadcast_float(value)
+        drops = self.plateau.drops
+        if self.plateau.update(value, it) and t.keep_best and self.rank == 0:
+            self.folder.save_best(
+                {
+                    "weights": self.eval_model.state_dict(),
+                    "iteration": it,
+                    "metric": self._val_key(record),
+                    "value": value,
+                }
+            )
+        if self.plateau.drops != drops:
+            self._apply_lr()
+            self.log(
+                f"iteration {it}: {self.plateau.bad} validations without improvement; "
+                f"learning rate × {t.lr_drop_factor:g} → {self.scheduler.get_last_lr()[0]:.3g}"
+            )
+        if self.plateau.stopped:
+            self.log(
+                f"iteration {it}: early stop after {self.plateau.bad} validations without "
+                f"improvement (best {self.plateau.best:.5f} at iteration {self.plateau.best_iteration})"
+            )
+        record.update(val_best=self.plateau.best, val_bad=self.plateau.bad)
+        self._log(record, it)
+        return record
+
+    @staticmethod
+    def _val_key(record: Mapping[str, Any]) -> str:
+        return "val_nll" if "val_nll" in record else "val_nelbo"
 
     def _nonfinite_message(self, what: str, value: float, it: int) -> str:
         kept = (
@@ -339,27 +488,62 @@ class Trainer:
     def eval_model(self) -> GenerativeModel:
         return self.ema if self.ema is not None else self.model
 
-    def evaluate_split(self, x: np.ndarray, *, prefix: str) -> dict[str, Any]:
-        """The held-out metrics of ``x`` under the run's evaluation settings (rank 0)."""
+    def evaluate_split(self, x: np.ndarray, *, prefix: str, settings: Any = None) -> dict[str, Any]:
+        """The held-out metrics of ``x`` under ``settings`` (default: the run's evaluation ones; rank 0)."""
         cfg = self.cfg
         result = evaluate_points(
-            self.eval_model, x, self.data, batch_size=cfg.eval.batch_size, seed=cfg.eval.seed
+            self.eval_model,
+            x,
+            self.data,
+            settings=settings,
+            batch_size=cfg.eval.batch_size,
+            seed=cfg.eval.seed,
         )
         return summarize(result, self.data, prefix=prefix)
 
+    def restore_best(self) -> dict[str, Any]:
+        """Load ``best.pt`` into the evaluated model (``train.keep_best``); what was restored.
+
+        Returns ``{"restored_iteration", "restored_<metric>"}``, or ``{}`` when
+        the run keeps no best weights (or none were written).
+        """
+        if not self.cfg.train.keep_best or not self.folder.has_best():
+            return {}
+        best = self.folder.load_best(map_location=self.device)
+        self.eval_model.load_state_dict(best["weights"])
+        return {
+            "restored_iteration": int(best["iteration"]),
+            f"restored_{best['metric']}": best["value"],
+        }
+
     def final_metrics(self) -> dict[str, Any]:
-        """Evaluate on the test set and write ``final.json`` (with the settings that made it)."""
+        """Evaluate on the test set and write ``final.json`` (with the settings that made it).
+
+        With ``train.keep_best`` the best-validation weights are restored first.
+        """
         cfg = self.cfg
+        t = cfg.train
         model = self.eval_model
         t0 = time.perf_counter()
         final: dict[str, Any] = {
             "iterations": self.iteration,
             "train_seconds": self.train_seconds,
+            "stop_reason": self.stop_reason,
             "dataset": self.data.name,
             "family": cfg.model.family,
             "seed": cfg.seed,
             "units": "nats per sample",
         }
+        if t.budget_seconds > 0:
+            final.update(
+                budget_seconds=t.budget_seconds,
+                budget_iters=self.budget["iters"],
+                budget_spent_seconds=self.train_seconds,
+            )
+        if t.val_every:
+            final.update(best_val=self.plateau.best, best_val_iteration=self.plateau.best_iteration)
+            final["lr_drops"] = self.plateau.drops
+        final.update(self.restore_best())
         final.update(self.evaluate_split(self.data.test, prefix="test_"))
         if cfg.eval.num_samples > 0:
             samples, nfe, _ = draw_samples(model, cfg.eval.num_samples, seed=cfg.eval.seed)
