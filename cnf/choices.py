@@ -24,6 +24,7 @@ from cnf.flows.registry import FLOWS, FLOWS_OR_IDENTITY
 from cnf.models import MODELS
 from cnf.models.diffflow import DIFFFLOW_NETS
 from cnf.models.ffjord import FFJORD_ARCHITECTURES, REGULARIZER_NORMS
+from cnf.models.fm import FM_NETS
 from cnf.nets import ACTIVATIONS, CONV_LAYERS, LAYERS
 from cnf.registry import Registry
 from cnf.solve import METHODS
@@ -52,6 +53,7 @@ __all__ = [
     "FFJORD_ARCHITECTURES",
     "FLOWS",
     "FLOWS_OR_IDENTITY",
+    "FM_NETS",
     "GRIDS",
     "LAYERS",
     "METHODS",

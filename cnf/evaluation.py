@@ -74,6 +74,7 @@ class PointEvaluation:
         num_points, batch_size, seed: What was evaluated, and how.
         nll_probes: ``(N, K)`` when the NLL is a Hutchinson estimate: the NLL
             once per probe (``nll`` is the row mean), else None.
+        nll_is_bound: The model's ``nll`` is an upper bound (``EvalOutput.nll_is_bound``).
     """
 
     nll: Tensor | None
@@ -85,6 +86,7 @@ class PointEvaluation:
     batch_size: int
     seed: int
     nll_probes: Tensor | None = None
+    nll_is_bound: bool = False
 
 
 def _rng_devices(model: Any) -> list[torch.device]:
@@ -114,6 +116,7 @@ def evaluate_points(
         seed: Common-random-numbers seed (module docstring).
     """
     nll, nelbo, nfe, nll_probes = [], [], [], []
+    nll_is_bound = False
     transform = data.eval_transform
     transform_rng = np.random.default_rng([seed, 0x0DE9])
     t0 = time.perf_counter()
@@ -127,6 +130,7 @@ def evaluate_points(
             out = model.evaluate(xb, settings)
             if out.nll is not None:
                 nll.append(out.nll.double().cpu())
+                nll_is_bound = nll_is_bound or out.nll_is_bound
             if out.nelbo is not None:
                 nelbo.append(out.nelbo.double().cpu())
             if out.nll_probes is not None:
@@ -150,6 +154,7 @@ def evaluate_points(
         batch_size=batch_size,
         seed=seed,
         nll_probes=torch.cat(nll_probes) + offset if nll_probes else None,
+        nll_is_bound=nll_is_bound,
     )
 
 
@@ -162,7 +167,8 @@ def summarize(result: PointEvaluation, data: Any, *, prefix: str = "") -> dict[s
     (NLL − log-density of the same points, paired), ``nelbo_gap`` (+ stderr:
     a bound on the KL, not the KL), ``entropy`` and ``entropy_stderr``; for
     image data ``{p}bpd`` (+ stderr, ``{p}nelbo_bpd`` when both exist) and
-    ``bpd_convention``; ``nll_offset`` when the data were standardised.
+    ``bpd_convention``; ``nll_offset`` when the data were standardised;
+    ``{p}nll_is_bound: true`` when the model's NLL is itself an upper bound.
 
     When the NLL is a Hutchinson estimate with ``K`` probes per point
     (``result.nll_probes``): ``{p}nll_probes`` = K and, for K ≥ 2,
@@ -182,6 +188,8 @@ def summarize(result: PointEvaluation, data: Any, *, prefix: str = "") -> dict[s
         se = probe_stderr(result.nll_probes)
         if se == se:  # K >= 2
             out[f"{prefix}nll_probe_stderr"] = se
+    if result.nll is not None and result.nll_is_bound:
+        out[f"{prefix}nll_is_bound"] = True
     if result.nfe is not None:
         out[f"{prefix}nfe"] = result.nfe
     if result.data_nll is not None and (result.nll is not None or result.nelbo is not None):
@@ -195,11 +203,13 @@ def summarize(result: PointEvaluation, data: Any, *, prefix: str = "") -> dict[s
     offset = float(getattr(data, "nll_offset", 0.0))
     if offset:
         out["nll_offset"] = offset
-    out.update(_bpd(out, data, prefix=prefix))
+    out.update(_bpd(out, data, prefix=prefix, nll_is_bound=result.nll_is_bound))
     return out
 
 
-def _bpd(metrics: Mapping[str, Any], data: Any, *, prefix: str) -> dict[str, Any]:
+def _bpd(
+    metrics: Mapping[str, Any], data: Any, *, prefix: str, nll_is_bound: bool = False
+) -> dict[str, Any]:
     """Bits/dim of image data from ``{prefix}nll`` (else ``{prefix}nelbo``) in nats."""
     offset = data.bpd_offset
     if offset is None:
@@ -221,6 +231,8 @@ def _bpd(metrics: Mapping[str, Any], data: Any, *, prefix: str) -> dict[str, Any
             )
     if out:
         source = "nll" if f"{prefix}nll" in metrics else "nelbo (an upper bound)"
+        if source == "nll" and nll_is_bound:
+            source = "nll (an upper bound: the model's flow term is variational)"
         out["bpd_convention"] = (
             f"bits/dim = {source} / (D ln 2) + log2({data.num_levels}), D = {data.dim}; "
             f"uniform dequantisation x = (pixel + u) / {data.num_levels}, u ~ U[0,1), "

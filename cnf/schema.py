@@ -315,6 +315,7 @@ class FlowMatchingSchema:
     activation: str = "selu"
     zero_init: bool = False
     preprocess: PreprocessSchema = field(default_factory=PreprocessSchema)
+    net: Any = choice("FM_NETS", "mlp")  # mlp: the keys above; or an image backbone (ddpm, ...)
     reflow_pairs: str | None = None  # train on (x0, x1) pairs from experiments/reflow.py
     init_from: str | None = None  # run folder or checkpoint whose weights start training
 

@@ -65,6 +65,12 @@ whose other filters match (a discrete flow at its single network pass).
 Records made before the run's last training iteration are skipped (with a
 warning); a matching run without records is listed as unfinished.
 
+**FID.** A run's metrics are its ``final.json``; where that has no ``fid``, the
+JSON that ``experiments/fid.py`` prints, saved in the run folder as
+``fid.json`` (``python experiments/fid.py RUN ... | tail -n 1 > RUN/fid.json``),
+adds ``fid``, ``kid``, ``fid_num_samples`` and ``fid_nfe`` (its NFE per
+sample) — only if it was computed at the run's final iteration.
+
 Example:
     >>> spec = parse_table_spec({"name": "t", "columns": ["8gaussians"],
     ...                          "rows": [{"label": "FFJORD", "select": {"model.family": "ffjord"}}]})
@@ -104,6 +110,14 @@ __all__ = [
 ]
 
 STATUS_MARKS = {"confirmed": "", "measured": "‡", "unverified": "†", "recalled": "†"}
+FID_FILE = "fid.json"  # experiments/fid.py's JSON line, saved in a run folder
+# fid.json key -> metric key it provides
+FID_KEYS = {
+    "fid": "fid",
+    "kid": "kid",
+    "num_samples": "fid_num_samples",
+    "nfe_per_sample": "fid_nfe",
+}
 STATUS_FOOTNOTES = {
     "†": "† unverified: a published number not yet checked against the paper; do not cite it as is.",
     "‡": "‡ measured on this machine (not a published number).",
@@ -368,14 +382,17 @@ class RunFolder:
     Attributes:
         path: The folder.
         config: Its resolved ``config.yaml`` as plain data.
-        final: ``final.json`` when the run is finished, else None.
+        final: ``final.json`` when the run is finished, else None (with the
+            metrics of a current ``fid.json``, module docstring).
         problem: Why it is not finished (None when finished).
+        warning: A one-line note on the folder (an unusable ``fid.json``).
     """
 
     path: Path
     config: dict[str, Any]
     final: dict[str, Any] | None
     problem: str | None = None
+    warning: str | None = None
 
     @property
     def seed(self) -> Any:
@@ -455,7 +472,27 @@ def read_run_folder(path: Path) -> RunFolder | str:
         iters = final["budget_iters"]  # a budget run's count, fixed once and stored
     if isinstance(done, int) and isinstance(iters, int) and done < iters:
         return RunFolder(path, cfg, None, f"final.json is from iteration {done} of {iters} (stale)")
-    return RunFolder(path, cfg, final)
+    return RunFolder(path, cfg, final, warning=_add_fid_file(path, final))
+
+
+def _add_fid_file(path: Path, final: dict[str, Any]) -> str | None:
+    """Add the metrics of ``path/fid.json`` to ``final`` (if it has no ``fid``); a warning or None."""
+    file = path / FID_FILE
+    if "fid" in final or not file.is_file():
+        return None
+    try:
+        fid = json.loads(file.read_text())
+        if not isinstance(fid, dict):
+            raise ValueError("not an object")
+    except (OSError, ValueError) as e:
+        return f"{file}: unreadable ({str(e).splitlines()[0]}); its FID is not shown"
+    if fid.get("iteration") != final.get("iterations"):
+        return (
+            f"{file}: computed at iteration {fid.get('iteration')}, the run ended at "
+            f"{final.get('iterations')}; its FID is not shown (rerun experiments/fid.py)"
+        )
+    final.update({key: fid[k] for k, key in FID_KEYS.items() if k in fid and key not in final})
+    return None
 
 
 def _nested(flat: Mapping[str, Any]) -> dict[str, Any]:
@@ -570,6 +607,8 @@ def scan_runs(root: Path, patterns: Sequence[str] = ()) -> tuple[list[RunFolder]
         r = read_run_folder(path)
         if isinstance(r, RunFolder):
             runs.append(r)
+            if r.warning:
+                warnings.append(r.warning)
         else:
             warnings.append(r)
     return runs, warnings

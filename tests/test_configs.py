@@ -50,6 +50,16 @@ TEST_ROWS = 64
 # function evaluation (63 for BSDS300), so fewer rows keep the smoke run short.
 TABULAR_TEST_ROWS = 8
 
+# Paper configs: a probability-flow solve of a paper-size network at 1e-3 takes
+# many CPU minutes, and their samplers take 1000 steps; the smoke run solves with
+# one rk4 step and samples with 3 steps (the same code paths run).
+PAPER_SMOKE = ("eval.solver.name=rk4", "eval.solver.steps=1")
+PAPER_SAMPLING = {
+    "score": ("model.sampler.steps=3",),
+    "indm": ("model.sampler.steps=3",),
+    "diffflow": ("model.steps=3",),
+}
+
 
 def write_fake_mnist(folder: Path) -> None:
     """Tiny random stand-ins for MNIST's IDX files (the real ones are not downloaded here)."""
@@ -158,6 +168,11 @@ def test_config_trains_two_iterations(
     if name in FAKE_DATA and not OmegaConf.select(raw, "data.path"):
         FAKE_DATA[name](tmp_path)
         overrides.append(f"data.path={tmp_path}")
+    if name in FAKE_DATA:
+        overrides += [
+            *PAPER_SMOKE,
+            *PAPER_SAMPLING.get(str(OmegaConf.select(raw, "model.family")), ()),
+        ]
     if name in TABULAR:
         overrides.append(f"data.path={request.getfixturevalue('maf_archive')}")
     cfg = load_config(path, overrides)

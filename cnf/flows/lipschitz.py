@@ -24,6 +24,7 @@ from cnf.registry import Registry
 __all__ = [
     "LIPSCHITZ_ACTIVATIONS",
     "LipSwish",
+    "Sin",
     "SpectralNormConv2d",
     "SpectralNormLinear",
     "lipschitz_convnet",
@@ -243,8 +244,15 @@ class LipSwish(nn.Module):
         return x * torch.sigmoid(beta * x) / 1.1
 
 
+class Sin(nn.Module):
+    """``sin(x)``: 1-Lipschitz (``|cos| <= 1``); INDM's released residual flows use it."""
+
+    def forward(self, x: Tensor) -> Tensor:
+        return torch.sin(x)
+
+
 LIPSCHITZ_ACTIVATIONS: Registry[type[nn.Module]] = Registry(
-    "1-Lipschitz activation", {"elu": nn.ELU, "lipswish": LipSwish}
+    "1-Lipschitz activation", {"elu": nn.ELU, "lipswish": LipSwish, "sin": Sin}
 )
 
 
@@ -263,7 +271,7 @@ def lipschitz_mlp(
     """MLP ``(B, D) -> (B, D)`` with ``Lip <= coeff ** (num_hidden_layers + 1)``.
 
     Spectrally normalised linear layers and 1-Lipschitz activations
-    (``"lipswish"`` or ``"elu"``).
+    (a name of :data:`LIPSCHITZ_ACTIVATIONS`).
     """
     layers: list[nn.Module] = []
     width = features

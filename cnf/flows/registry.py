@@ -10,10 +10,16 @@ nice      :func:`~.multiscale.nice_vector`    :func:`~.multiscale.nice_image`
 realnvp   :func:`~.multiscale.realnvp_vector` :func:`~.multiscale.realnvp_image`
 glow      :func:`~.multiscale.glow_vector`    :func:`~.multiscale.glow_image`
 resflow   :func:`~.residual.resflow`          :func:`~.residual.resflow`
+resflow_  :func:`~.global_latent.             :func:`~.global_latent.
+global    global_latent_resflow`              global_latent_resflow`
 ========  ==================================  ================================
 
 and, through the optional extra zuko (:mod:`~.zuko_flows`), for vectors only:
 ``zuko.made``, ``zuko.maf``, ``zuko.nsf``.
+
+``resflow_global`` is INDM's released flow: a residual flow conditioned on a
+global latent with an encoder and a prior, whose flow term is a variational
+bound (:mod:`cnf.flows.global_latent`), not an exact log-determinant.
 
 Example:
     >>> flow = build_flow("glow", event_shape=(3, 32, 32), num_scales=3, steps_per_scale=8)
@@ -28,6 +34,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from cnf.flows.base import Flow, IdentityFlow
+from cnf.flows.global_latent import global_latent_resflow
 from cnf.flows.multiscale import (
     glow_image,
     glow_vector,
@@ -94,6 +101,11 @@ def _resflow_vector(dim: int, **options: Any) -> Flow:
     return resflow((dim,), **options)
 
 
+@functools.wraps(global_latent_resflow)
+def _global_latent_vector(dim: int, **options: Any) -> Flow:
+    return global_latent_resflow((dim,), **options)
+
+
 FLOWS: Registry[FlowBuilder] = Registry(
     "flow",
     {
@@ -101,6 +113,9 @@ FLOWS: Registry[FlowBuilder] = Registry(
         "nice": FlowBuilder("nice", nice_vector, nice_image),
         "realnvp": FlowBuilder("realnvp", realnvp_vector, realnvp_image),
         "resflow": FlowBuilder("resflow", _resflow_vector, resflow),
+        "resflow_global": FlowBuilder(
+            "resflow_global", _global_latent_vector, global_latent_resflow
+        ),
         "zuko.made": FlowBuilder("zuko.made", zuko_made, None),
         "zuko.maf": FlowBuilder("zuko.maf", zuko_maf, None),
         "zuko.nsf": FlowBuilder("zuko.nsf", zuko_nsf, None),
@@ -122,7 +137,7 @@ def build_flow(name: str, *, event_shape: tuple[int, ...], **options: Any) -> Fl
     """Build the discrete flow ``name`` for events of shape ``event_shape``.
 
     Args:
-        name: One of ``glow``, ``nice``, ``realnvp``, ``resflow``.
+        name: One of ``glow``, ``nice``, ``realnvp``, ``resflow``, ``resflow_global``.
         event_shape: ``(D,)`` for vectors or ``(C, H, W)`` for images.
         **options: Options of the corresponding builder (see the module table).
 

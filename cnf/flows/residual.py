@@ -19,6 +19,7 @@ References:
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
@@ -85,11 +86,18 @@ class ResidualBlock(Flow):
     def forward(self, x: Tensor) -> tuple[Tensor, Tensor]:
         return self._forward(x, self.logdet_estimator)
 
-    def _forward(self, x: Tensor, estimator: LogDetEstimator) -> tuple[Tensor, Tensor]:
+    def _forward(
+        self,
+        x: Tensor,
+        estimator: LogDetEstimator,
+        g: Callable[[Tensor], Tensor] | None = None,
+    ) -> tuple[Tensor, Tensor]:
         """``(B, *event) -> (B, *event)``, logdet ``(B,)`` by ``estimator``.
 
-        Works under ``torch.no_grad()`` (the VJPs need a local graph, which is
-        built and dropped here) but not under ``torch.inference_mode()``.
+        ``g`` replaces ``self.g`` for this call (a conditional block binds its
+        conditioning input, :mod:`cnf.flows.global_latent`). Works under
+        ``torch.no_grad()`` (the VJPs need a local graph, which is built and
+        dropped here) but not under ``torch.inference_mode()``.
         """
         if torch.is_inference_mode_enabled():
             raise RuntimeError(
@@ -101,7 +109,7 @@ class ResidualBlock(Flow):
         grad_enabled = torch.is_grad_enabled()
         with torch.enable_grad():
             x_in = x if (grad_enabled and x.requires_grad) else x.detach().requires_grad_(True)
-            gx = self.g(x_in)
+            gx = (self.g if g is None else g)(x_in)
             logdet = estimator(gx, x_in, create_graph=grad_enabled)
         z = x_in + gx
         if not grad_enabled:
@@ -110,9 +118,16 @@ class ResidualBlock(Flow):
 
     @torch.no_grad()
     def inverse(
-        self, z: Tensor, *, tol: float | None = None, max_iters: int | None = None
+        self,
+        z: Tensor,
+        *,
+        tol: float | None = None,
+        max_iters: int | None = None,
+        g: Callable[[Tensor], Tensor] | None = None,
     ) -> Tensor:
         """Fixed-point inverse ``x_{k+1} = z - g(x_k)``, ``x_0 = z`` (not differentiable).
+
+        ``g`` replaces ``self.g`` for this call, as in :meth:`_forward`.
 
         Raises:
             FixedPointError: if ``max|x_k + g(x_k) - z|`` is still above the
@@ -120,11 +135,12 @@ class ResidualBlock(Flow):
         """
         tol = self.tol if tol is None else tol
         max_iters = self.max_iters if max_iters is None else max_iters
+        g = self.g if g is None else g
         threshold = tol * max(1.0, float(z.abs().max()))
         x = z
         residual = float("inf")
         for _ in range(max_iters):
-            x_next = z - self.g(x)
+            x_next = z - g(x)
             # x_next - x = z - (x + g(x)): the forward residual at the current iterate.
             residual = float((x_next - x).abs().max())
             x = x_next
@@ -203,7 +219,7 @@ def resflow(
         hidden_features, num_hidden_layers: Width and depth of each MLP ``g`` (vectors).
         hidden_channels: Width of each conv ``g`` (images).
         coeff: Spectral-norm coefficient per layer (``< 1``).
-        activation: ``lipswish`` or ``elu``.
+        activation: ``lipswish``, ``elu`` or ``sin`` (:data:`~cnf.flows.lipschitz.LIPSCHITZ_ACTIVATIONS`).
         actnorm: ActNorm before every block (as in Residual Flows).
         logdet: The training log-det estimator.
         tol, max_iters: Fixed-point inverse options of :class:`ResidualBlock`.

@@ -73,12 +73,16 @@ class EvalOutput:
         nll_probes: ``(B, K)`` when ``nll`` is a Hutchinson estimate: the NLL
             once per probe (``nll`` is their mean), from which
             :func:`cnf.evaluation.summarize` gives the estimator's standard error.
+        nll_is_bound: ``nll`` is itself an upper bound (a single-sample
+            estimate of one), not the model's NLL: a variational flow term,
+            e.g. INDM's released global-latent flow (:mod:`cnf.flows.global_latent`).
     """
 
     nll: Tensor | None = None
     nelbo: Tensor | None = None
     stats: dict[str, float] = field(default_factory=dict)
     nll_probes: Tensor | None = None
+    nll_is_bound: bool = False
 
 
 class SampleOutput(NamedTuple):

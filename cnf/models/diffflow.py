@@ -27,7 +27,6 @@ References:
 
 from __future__ import annotations
 
-import functools
 import math
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
@@ -38,10 +37,10 @@ from torch import Tensor, nn
 
 from cnf.diffflow.chain import DIFFFLOW_SAMPLERS, path_nelbo, run_backward
 from cnf.diffflow.schedules import BASE_DRIFTS, DiffusionSchedule, TimeGrid, build_diffusion
-from cnf.diffusion.nets import SCORE_NETS
+from cnf.diffusion.nets import IMAGE_NETS
 from cnf.flows.preprocess import Preprocess
 from cnf.models.base import EvalOutput, GenerativeModel, LossOutput, SampleOutput, register_family
-from cnf.models.score import image_shape_of
+from cnf.models.score import image_backbone
 from cnf.nets import TimeMLP
 from cnf.registry import Registry
 from cnf.schema import DiffFlowSchema, builder_options
@@ -88,25 +87,19 @@ class FlatTimeMLP(nn.Module):
         return self.mlp(t, x.flatten(1)).view_as(x)
 
 
-def _image_net(name: str) -> Callable[..., nn.Module]:
-    """A convolutional score-network backbone used as a DiffFlow network on ``(C, H, W)`` data."""
-
-    builder = SCORE_NETS[name]
-
-    @functools.wraps(builder)
-    def build(event_shape: tuple[int, ...], **options: Any) -> nn.Module:
-        return builder(
-            image_shape_of(tuple(event_shape), key="model.drift_net/score_net"), **options
-        )
-
-    return build
-
-
 # name → builder(event_shape, **options) of a module ``(u, x) -> (B, *shape)`` with the
 # normalised time u ∈ [0, 1]. The image networks are the score models' backbones
-# (they start at 0 whatever zero_init says).
+# (unet, and the published ddpm / ddpmpp / ncsnpp of cnf.diffusion.ncsnpp; they
+# start at 0 whatever zero_init says).
 DIFFFLOW_NETS: Registry[Callable[..., nn.Module]] = Registry(
-    "DiffFlow network", {"mlp": FlatTimeMLP, "unet": _image_net("unet")}
+    "DiffFlow network",
+    {
+        "mlp": FlatTimeMLP,
+        **{
+            name: image_backbone(name, key="model.drift_net/score_net")
+            for name in sorted(IMAGE_NETS)
+        },
+    },
 )
 
 

@@ -15,7 +15,9 @@ maps data ``x`` to ``z``; the model density is
   dimensions (exact), otherwise a long power series (``series_terms``
   terms, Hutchinson probe: an estimate) or the flow's own training
   estimator (``own``: Russian roulette, unbiased, cheap in high dimension);
-  ``stats["flow_logdet_exact"]`` is 1 or 0 accordingly;
+  ``stats["flow_logdet_exact"]`` is 1 or 0 accordingly. ``resflow_global``
+  (a global-latent residual flow, :mod:`cnf.flows.global_latent`) gives a
+  single-sample variational bound instead, flagged ``nll_is_bound``;
 * ``sample`` — ``x = f^{-1}(τ·ε)``, ``ε ~ N(0, I)``, τ the temperature.
 
 The preprocessing bijection (``model.preprocess``: an optional logit for data
@@ -46,6 +48,7 @@ from cnf.flows.base import (
     Flow,
     FlowSettings,
 )
+from cnf.flows.global_latent import is_variational
 from cnf.flows.logdet import ExactLogDet, LogDetEstimator, SeriesLogDet
 from cnf.flows.preprocess import Preprocess
 from cnf.flows.registry import FLOWS_OR_IDENTITY
@@ -179,7 +182,11 @@ class FlowModel(ChainModel):
         """NLL per sample in nats (residual flows: see :class:`LogDetChoice`)."""
         estimator, exact = s.logdet.estimator(self.flow, self.dim)
         nll = -self.log_prob(x, FlowSettings(logdet=estimator))
-        return EvalOutput(nll=nll, stats={"flow_logdet_exact": 1.0 if exact else 0.0})
+        return EvalOutput(
+            nll=nll,
+            stats={"flow_logdet_exact": 1.0 if exact else 0.0},
+            nll_is_bound=is_variational(self.flow),
+        )
 
     def _sample(
         self, n: int, s: FlowModelSettings, generator: torch.Generator | None

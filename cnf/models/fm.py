@@ -23,7 +23,9 @@ counted by the sampler (Heun: 2N − 1).
 
 Images are flattened inside the model (the MLP sees ``(B, D)``), so the model
 accepts any event shape; reflow pairs live in this flat model space (after the
-preprocessing).
+preprocessing). ``model.net`` (:data:`FM_NETS`) replaces the MLP by an image
+backbone of the score models (``ddpm``, ``ddpmpp``, ``ncsnpp``, ``unet``; data
+kept as ``(C, H, W)``), which takes the flat states and reshapes them.
 
 References:
     Lipman et al., "Flow matching for generative modeling", ICLR 2023.
@@ -34,22 +36,25 @@ References:
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
 import torch
-from torch import Tensor
+from torch import Tensor, nn
 
 from cnf.diffusion import flow_matching, ode_samplers
+from cnf.diffusion.nets import IMAGE_NETS
 from cnf.flows.base import DiagonalNormal, Flow, FlowSettings, Reshape
 from cnf.flows.cnf import CNF
 from cnf.flows.preprocess import Preprocess
 from cnf.models.base import ChainModel, EvalOutput, LossOutput, SampleOutput, register_family
 from cnf.models.ffjord import ODESettings, field_network
-from cnf.nets import TimeMLP
-from cnf.schema import FlowMatchingSchema
+from cnf.models.score import image_backbone
+from cnf.registry import Registry
+from cnf.schema import FlowMatchingSchema, builder_options
 
-__all__ = ["FlowMatchingModel", "FlowMatchingSettings", "build_flow_matching"]
+__all__ = ["FM_NETS", "FlowMatchingModel", "FlowMatchingSettings", "build_flow_matching"]
 
 
 @dataclass(frozen=True)
@@ -82,6 +87,22 @@ class FlowMatchingSettings(ODESettings):
         return ode_samplers.route_sampler_keys(changes, self.sampler)
 
 
+def _section_mlp(event_shape: tuple[int, ...]) -> None:
+    """The model section's own MLP (``hidden_dims``, ``layer``, ``activation``, ``zero_init``)."""
+    return None
+
+
+# model.net.name → builder(event_shape, **options) of the field v(t, x) on flat states;
+# ``mlp`` is the section's TimeMLP.
+FM_NETS: Registry[Callable[..., nn.Module | None]] = Registry(
+    "flow-matching network",
+    {
+        "mlp": _section_mlp,
+        **{name: image_backbone(name, key="model.net") for name in sorted(IMAGE_NETS)},
+    },
+)
+
+
 class FlowMatchingModel(ChainModel):
     """A vector field trained by conditional flow matching; a CNF at evaluation.
 
@@ -95,6 +116,7 @@ class FlowMatchingModel(ChainModel):
         preprocess: The data bijection applied first (e.g. a logit for images).
 
     Example:
+        >>> from cnf.nets import TimeMLP
         >>> model = FlowMatchingModel(TimeMLP(2, (32, 32)), (2,))
         >>> out = model.training_loss(torch.randn(8, 2))
         >>> x, stats = model.sample(4, model.with_settings(method="euler", steps=5))
@@ -104,7 +126,7 @@ class FlowMatchingModel(ChainModel):
 
     def __init__(
         self,
-        field: TimeMLP,
+        field: nn.Module,
         event_shape: tuple[int, ...],
         *,
         pairing: str = "rectified",
@@ -134,7 +156,7 @@ class FlowMatchingModel(ChainModel):
         super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
 
     @property
-    def field(self) -> TimeMLP:
+    def field(self) -> nn.Module:
         return self.cnf.field
 
     @property
@@ -257,7 +279,9 @@ def build_flow_matching(
 ) -> FlowMatchingModel:
     """Build a flow-matching model from its typed ``model:`` config section."""
     dim = int(torch.Size(tuple(event_shape)).numel())
-    net = field_network(dim, cfg)
+    net = FM_NETS[cfg.net.name](tuple(event_shape), **builder_options(cfg.net))
+    if net is None:
+        net = field_network(dim, cfg)
     if not isinstance(settings, FlowMatchingSettings):
         settings = FlowMatchingSettings(solver=settings.solver, divergence=settings.divergence)
     model = FlowMatchingModel(

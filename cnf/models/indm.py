@@ -25,7 +25,11 @@ model (``nll_correction``).
   both in nats of ``x``; residual-flow log-dets at evaluation follow
   ``settings.logdet`` (``model.eval_logdet``: exact up to ``exact_max_dim``
   dimensions, else a ``series_terms`` power series, or the flow's own
-  unbiased roulette estimator; ``stats["flow_logdet_exact"]``);
+  unbiased roulette estimator; ``stats["flow_logdet_exact"]``). With the
+  released code's global-latent flow (``model.flow.name: resflow_global``,
+  :mod:`cnf.flows.global_latent`) the flow term is the single-sample
+  variational bound ``log|det ∂h_φ/∂x| + log p(h) − log q(h | x)`` instead
+  of the log-det, so both numbers are upper bounds and ``nll_is_bound`` says so;
 * ``sample`` — latent reverse SDE (``em``), predictor–corrector (``pc``) or
   probability-flow ODE (``ode``) from ``z_1 ~ τ·π`` (τ the temperature),
   then ``x = h_φ^{-1}(z)``.
@@ -57,6 +61,7 @@ from torch import Tensor
 from cnf.diffusion.score import decoder_constant, dsm_loss, prior_kl
 from cnf.diffusion.sde import LinearSDE
 from cnf.flows.base import DEFAULT_SETTINGS, Flow, FlowSettings
+from cnf.flows.global_latent import is_variational
 from cnf.flows.preprocess import Preprocess
 from cnf.models.base import EvalOutput, GenerativeModel, LossOutput, SampleOutput, register_family
 from cnf.models.flow import LogDetChoice, build_named_flow
@@ -200,7 +205,10 @@ class INDM(GenerativeModel):
             "flow_logdet_exact": 1.0 if exact else 0.0,
         }
         return EvalOutput(
-            nll=nll - logdet, nelbo=None if bound is None else bound - logdet, stats=stats
+            nll=nll - logdet,
+            nelbo=None if bound is None else bound - logdet,
+            stats=stats,
+            nll_is_bound=is_variational(self.flow),
         )
 
     # ------------------------------------------------------------- sampling

@@ -26,7 +26,9 @@ References:
 
 from __future__ import annotations
 
+import functools
 import math
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -45,7 +47,13 @@ from cnf.models.base import EvalOutput, GenerativeModel, LossOutput, SampleOutpu
 from cnf.schema import ScoreSchema, builder_options
 from cnf.solve import SolverConfig
 
-__all__ = ["ScoreModel", "ScoreSettings", "build_score", "build_score_network"]
+__all__ = [
+    "ScoreModel",
+    "ScoreSettings",
+    "build_score",
+    "build_score_network",
+    "image_backbone",
+]
 
 
 @dataclass(frozen=True)
@@ -267,6 +275,22 @@ def image_shape_of(event_shape: tuple[int, ...], *, key: str) -> tuple[int, int,
             "is not a square grey image (set data.flatten=false)"
         )
     return (1, side, side)
+
+
+def image_backbone(name: str, *, key: str) -> Callable[..., torch.nn.Module]:
+    """``build(event_shape, **options)``: the image backbone ``name`` of :data:`SCORE_NETS`.
+
+    For families whose networks take ``(t, x)`` on data of any layout (DiffFlow's
+    drift and score, flow matching's field): the network sees the data's
+    ``(C, H, W)`` (:func:`image_shape_of`; ``key`` names the config key in errors).
+    """
+    builder = SCORE_NETS[name]
+
+    @functools.wraps(builder)
+    def build(event_shape: tuple[int, ...], **options: Any) -> torch.nn.Module:
+        return builder(image_shape_of(tuple(event_shape), key=key), **options)
+
+    return build
 
 
 def build_score_network(
