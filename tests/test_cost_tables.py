@@ -416,6 +416,23 @@ def test_build_table_aggregates(fake_runs: Path, tmp_path: Path) -> None:
     assert "last logged iteration 40 of 100" in table.unfinished[0]
 
 
+def test_a_cell_whose_runs_differ_in_an_unselected_value_is_warned_about(
+    fake_runs: Path, tmp_path: Path
+) -> None:
+    spec = parse_table_spec(OmegaConf.to_container(OmegaConf.load(_spec(tmp_path))))
+    assert not [w for w in build_table(spec, fake_runs).warnings if "differ in" in w]
+    cfg_path = fake_runs / "sweeps" / "ffjord_toy" / "a8_s1" / "config.yaml"
+    cfg = OmegaConf.load(cfg_path)
+    cfg.train.iters = 50
+    cfg.eval = {"solver": {"rtol": 1e-3}}
+    OmegaConf.save(cfg, cfg_path)
+    warnings = [w for w in build_table(spec, fake_runs).warnings if "differ in" in w]
+    assert len(warnings) == 1  # only the FFJORD × 8gaussians cell mixes them
+    assert warnings[0].startswith("FFJORD × 8gaussians: the 3 runs differ in")
+    assert "train.iters (100, 50)" in warnings[0] and "eval.solver.rtol" in warnings[0]
+    assert "seed" not in warnings[0]  # seeds are meant to differ
+
+
 def test_metric_warnings_only_for_partial_absence(fake_runs: Path, tmp_path: Path) -> None:
     # No run has a NELBO: the cells are "—" without a warning. One seed without
     # its NLL (a broken final.json) is warned about.
