@@ -402,3 +402,23 @@ def test_every_dataset_name_is_accepted_by_the_config() -> None:
         # Some data sets need a path (file, image folders); validation only checks it is set.
         cfg = load_config(TOY_CONFIG, [f"data.name={name}", "data.path=somewhere"])
         assert cfg.data.name == name
+
+
+def test_2d_plot_window_follows_the_data_not_a_fixed_square() -> None:
+    import importlib.util
+
+    path = Path(__file__).resolve().parent.parent / "experiments" / "reporting.py"
+    spec = importlib.util.spec_from_file_location("_reporting_under_test", path)
+    reporting = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(reporting)
+
+    rng = np.random.default_rng(0)
+    x = rng.uniform(0.0, 1.0, (20_000, 2)) * [10.0, 2.0] + [500.0, -7.0]  # far from [-4, 4]^2
+    x[0] = [1e9, 1e9]  # one outlier must not stretch the window (quantiles, not min/max)
+    (x_lo, x_hi), (y_lo, y_hi) = reporting.data_window(x, quantile=0.005, margin=0.15)
+    # Uniform data: the 0.5% / 99.5% quantiles are lo + 0.005 span and hi − 0.005 span,
+    # widened by 15% of their distance on each side.
+    for (lo, hi), (a, span) in (((x_lo, x_hi), (500.0, 10.0)), ((y_lo, y_hi), (-7.0, 2.0))):
+        q_lo, q_hi = a + 0.005 * span, a + 0.995 * span
+        assert lo == pytest.approx(q_lo - 0.15 * (q_hi - q_lo), abs=0.02 * span)
+        assert hi == pytest.approx(q_hi + 0.15 * (q_hi - q_lo), abs=0.02 * span)
