@@ -175,7 +175,7 @@ DDP_CONFIGS = {
         (
             "model.hidden_dims=[4]",
             "model.solver.name=rk4",
-            "model.solver.steps=2",
+            "model.solver.steps=1",
             "model.divergence.name=exact",
             "train.val_every=10",
             "train.warmup_iters=0",
