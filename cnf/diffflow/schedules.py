@@ -19,6 +19,7 @@ References:
 from __future__ import annotations
 
 import math
+from abc import ABC, abstractmethod
 from collections.abc import Callable
 from dataclasses import dataclass
 
@@ -119,7 +120,7 @@ class TimeGrid:
 
 
 # ----------------------------------------------------------------- diffusion
-class DiffusionSchedule:
+class DiffusionSchedule(ABC):
     """``g(t) > 0`` on the grid's interval, as a function of normalised time ``u``.
 
     Subclasses implement :meth:`of_u`. ``g`` must stay strictly positive: the
@@ -131,8 +132,9 @@ class DiffusionSchedule:
     def __init__(self, grid: TimeGrid):
         self.grid = grid
 
-    def of_u(self, u: Tensor) -> Tensor:  # pragma: no cover - interface
-        raise NotImplementedError
+    @abstractmethod
+    def of_u(self, u: Tensor) -> Tensor:
+        """``g`` at normalised times ``u`` in [0, 1]."""
 
     def __call__(self, t: Tensor) -> Tensor:
         return self.of_u(self.grid.normalise(t))

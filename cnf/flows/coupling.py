@@ -31,6 +31,7 @@ References:
 from __future__ import annotations
 
 import math
+from abc import ABCMeta, abstractmethod
 from typing import Any
 
 import torch
@@ -179,7 +180,7 @@ def conv_conditioner(
 # ------------------------------------------------------------------------ couplings
 
 
-class CouplingFlow(Flow):
+class CouplingFlow(Flow, metaclass=ABCMeta):
     """Base class of mask-based coupling layers.
 
     Subclasses set :attr:`num_params` (parameters per transformed element) and
@@ -285,11 +286,13 @@ class CouplingFlow(Flow):
 
     # -- elementwise transform (subclasses) ---------------------------------------------
 
+    @abstractmethod
     def _transform(self, x_b: Tensor, params: Tensor) -> tuple[Tensor, Tensor | None]:
-        raise NotImplementedError
+        """``(y_b, logdet_b or None)`` of the elementwise map given the conditioner's ``params``."""
 
+    @abstractmethod
     def _inverse_transform(self, y_b: Tensor, params: Tensor) -> Tensor:
-        raise NotImplementedError
+        """The inverse of :meth:`_transform` for the same ``params``."""
 
     # -- Flow API -------------------------------------------------------------------------
 

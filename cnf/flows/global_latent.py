@@ -70,11 +70,9 @@ from cnf.flows.glow import ActNorm, Squeeze
 from cnf.flows.lipschitz import (
     SpectralNormConv2d,
     SpectralNormLinear,
-    lipschitz_convnet,
-    lipschitz_mlp,
 )
 from cnf.flows.multiscale import realnvp_vector
-from cnf.flows.residual import LogDetOptions, ResidualBlock
+from cnf.flows.residual import LogDetOptions, ResidualBlock, lipschitz_net
 from cnf.solve import SolveStats
 
 __all__ = [
@@ -397,21 +395,14 @@ def global_latent_resflow(
         for _ in range(num_blocks):
             if actnorm:
                 layers.append(ActNorm(shape[0]))
-            if len(shape) == 1:
-                net = lipschitz_mlp(
-                    shape[0],
-                    hidden_features=hidden_features,
-                    num_hidden_layers=num_hidden_layers,
-                    coeff=coeff,
-                    activation=activation,
-                )
-            else:
-                net = lipschitz_convnet(
-                    shape,  # type: ignore[arg-type]
-                    hidden_channels=hidden_channels,
-                    coeff=coeff,
-                    activation=activation,
-                )
+            net = lipschitz_net(
+                shape,
+                hidden_features=hidden_features,
+                num_hidden_layers=num_hidden_layers,
+                hidden_channels=hidden_channels,
+                coeff=coeff,
+                activation=activation,
+            )
             g = GlobalShift(net, latent_dim)
             layers.append(ConditionalResidualBlock(g, logdet=est, tol=tol, max_iters=max_iters))
     encoder = GaussianEncoder(

@@ -193,6 +193,32 @@ class LogDetOptions:
         return make_logdet_estimator(self.name)
 
 
+def lipschitz_net(
+    shape: tuple[int, ...],
+    *,
+    hidden_features: int,
+    num_hidden_layers: int,
+    hidden_channels: int,
+    coeff: float,
+    activation: str,
+) -> nn.Module:
+    """The residual branch ``g`` with Lip(g) < ``coeff``: an MLP on ``(D,)``, a convnet on ``(C, H, W)``."""
+    if len(shape) == 1:
+        return lipschitz_mlp(
+            shape[0],
+            hidden_features=hidden_features,
+            num_hidden_layers=num_hidden_layers,
+            coeff=coeff,
+            activation=activation,
+        )
+    return lipschitz_convnet(
+        shape,  # type: ignore[arg-type]
+        hidden_channels=hidden_channels,
+        coeff=coeff,
+        activation=activation,
+    )
+
+
 def resflow(
     event_shape: tuple[int, ...],
     *,
@@ -235,20 +261,13 @@ def resflow(
     for _ in range(num_blocks):
         if actnorm:
             layers.append(ActNorm(shape[0]))
-        if len(shape) == 1:
-            g = lipschitz_mlp(
-                shape[0],
-                hidden_features=hidden_features,
-                num_hidden_layers=num_hidden_layers,
-                coeff=coeff,
-                activation=activation,
-            )
-        else:
-            g = lipschitz_convnet(
-                shape,  # type: ignore[arg-type]
-                hidden_channels=hidden_channels,
-                coeff=coeff,
-                activation=activation,
-            )
+        g = lipschitz_net(
+            shape,
+            hidden_features=hidden_features,
+            num_hidden_layers=num_hidden_layers,
+            hidden_channels=hidden_channels,
+            coeff=coeff,
+            activation=activation,
+        )
         layers.append(ResidualBlock(g, logdet=est, tol=tol, max_iters=max_iters))
     return SequentialFlow(layers)
