@@ -134,6 +134,22 @@ def assert_clean_failure(rc: int, stderr: str, code: int = 2) -> str:
     return lines[0]
 
 
+def load_experiment_module(name: str):
+    """Import ``experiments/<name>.py`` (the entry points are scripts, not a package)."""
+    import importlib.util
+
+    sys.path.insert(0, str(REPO / "experiments"))  # their sibling imports (reporting, _cli)
+    try:
+        spec = importlib.util.spec_from_file_location(
+            f"_experiment_{name}", REPO / "experiments" / f"{name}.py"
+        )
+        module = importlib.util.module_from_spec(spec)
+        spec.loader.exec_module(module)
+    finally:
+        sys.path.remove(str(REPO / "experiments"))
+    return module
+
+
 @pytest.fixture
 def run_dir(tmp_path: Path) -> Path:
     """A fresh, not yet existing run folder."""

@@ -19,6 +19,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from conftest import load_experiment_module
 
 from cnf.config import ConfigError, load_config, parse_overrides
 from cnf.data import DATASETS, DataError, batch_rng, build_dataset, dataset_from_config
@@ -405,12 +406,7 @@ def test_every_dataset_name_is_accepted_by_the_config() -> None:
 
 
 def test_2d_plot_window_follows_the_data_not_a_fixed_square() -> None:
-    import importlib.util
-
-    path = Path(__file__).resolve().parent.parent / "experiments" / "reporting.py"
-    spec = importlib.util.spec_from_file_location("_reporting_under_test", path)
-    reporting = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(reporting)
+    reporting = load_experiment_module("reporting")
 
     rng = np.random.default_rng(0)
     x = rng.uniform(0.0, 1.0, (20_000, 2)) * [10.0, 2.0] + [500.0, -7.0]  # far from [-4, 4]^2

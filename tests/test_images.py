@@ -15,6 +15,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from conftest import load_experiment_module
 
 from cnf.config import ConfigError, load_config
 from cnf.data import DataError, build_dataset
@@ -259,7 +260,7 @@ def test_cifar10_bad_files_raise_one_line_data_errors(tmp_path: Path) -> None:
 
 
 def test_sample_grid_png(tmp_path: Path) -> None:
-    from cnf.plotting import save_image_grid
+    save_image_grid = load_experiment_module("reporting").save_image_grid
 
     images = np.random.default_rng(0).random((12, 64)) * 1.2 - 0.1  # a little out of range
     save_image_grid(images, tmp_path / "grid.png", image_shape=(1, 8, 8), ncols=5)
