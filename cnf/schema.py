@@ -318,12 +318,25 @@ class FlowMatchingSchema:
     net: Any = choice("FM_NETS", "mlp")  # mlp: the keys above; or an image backbone (ddpm, ...)
     reflow_pairs: str | None = None  # train on (x0, x1) pairs from experiments/reflow.py
     init_from: str | None = None  # run folder or checkpoint whose weights start training
+    # Maximum-likelihood fine-tuning: the last ml_fraction of the planned iterations
+    # train on −log p(x) by backprop through the CNF solve ml_solver with the trace
+    # ml_divergence, instead of the CFM loss (a flow-matching warm start); the
+    # learning-rate schedule starts afresh there, scaled by ml_lr_scale.
+    ml_fraction: float = 0.0
+    ml_lr_scale: float = 1.0
+    ml_solver: SolverSchema = field(default_factory=lambda: SolverSchema(name="rk4", steps=6))
+    ml_divergence: DivergenceSchema = field(default_factory=DivergenceSchema)
 
     def __post_init__(self) -> None:
         _check("LAYERS", "layer", self.layer)
         _check("ACTIVATIONS", "activation", self.activation)
         _widths("hidden_dims", self.hidden_dims)
         _non_negative(sigma=self.sigma)
+        if not 0 <= self.ml_fraction < 1:
+            raise ValueError(f"ml_fraction: must be in [0, 1), got {self.ml_fraction}")
+        _positive(ml_lr_scale=self.ml_lr_scale)
+        if self.ml_divergence.name == "auto":
+            raise ValueError("ml_divergence.name: training needs exact or hutchinson")
         from pathlib import Path
 
         for key in ("reflow_pairs", "init_from"):
@@ -518,11 +531,18 @@ class TrainSchema:
     # iterations, at most train.iters; the schedule spans that count.
     budget_seconds: float = 0.0
     budget_warmup_iters: int = 20
+    # ... and at least this fraction of the budget: the first iterations of a fast
+    # model run slower (allocator, caches), and a count fitted to them underspends.
+    budget_warmup_fraction: float = 0.05
 
     def __post_init__(self) -> None:
         _check("OPTIMIZERS", "optimizer", self.optimizer)
         _check("SCHEDULES", "schedule", self.schedule)
         _non_negative(budget_seconds=self.budget_seconds, early_stop_after=self.early_stop_after)
+        if not 0 <= self.budget_warmup_fraction < 1:
+            raise ValueError(
+                f"budget_warmup_fraction: must be in [0, 1), got {self.budget_warmup_fraction}"
+            )
         if self.budget_warmup_iters < 2:
             raise ValueError(f"budget_warmup_iters: must be >= 2, got {self.budget_warmup_iters}")
         if not 0 < self.lr_drop_factor < 1:
@@ -638,6 +658,13 @@ class Config:
             raise ValueError(
                 f"eval.fid.features: FD/KID need an image data set, data.name={self.data.name} "
                 "is not one (set eval.fid.features=null)"
+            )
+        if getattr(self.model, "ml_fraction", 0) > 0 and self.train.budget_seconds > 0:
+            # The count would be fitted to the cheap CFM iterations of the warm-up and
+            # the maximum-likelihood ones (an ODE solve each) would overrun the budget.
+            raise ValueError(
+                "model.ml_fraction: not with train.budget_seconds (the budget's count is fitted "
+                "to the CFM iterations' cost); set train.iters instead"
             )
 
 

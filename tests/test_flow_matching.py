@@ -364,6 +364,90 @@ def test_config_names_are_validated() -> None:
         load_config("configs/fm/otcfm_toy.yaml", ["model.pairing=sinkhorn"])
     with pytest.raises(ConfigError, match="model.sigma"):
         load_config("configs/fm/otcfm_toy.yaml", ["model.sigma=-1"])
+    with pytest.raises(ConfigError, match="model.ml_fraction: must be in"):
+        load_config("configs/fm/otcfm_toy.yaml", ["model.ml_fraction=1"])
+    with pytest.raises(ConfigError, match="model.ml_fraction: not with train.budget_seconds"):
+        load_config("configs/fm/otcfm_ml_toy.yaml", ["train.budget_seconds=60"])
+    with pytest.raises(ConfigError, match="ml_divergence.name: training needs exact or hutchinson"):
+        load_config("configs/fm/otcfm_toy.yaml", ["model.ml_divergence.name=auto"])
+
+
+def test_ml_fine_tune_phase_trains_the_exact_nll_of_its_own_solve() -> None:
+    torch.manual_seed(0)
+    model = build_family(
+        "fm",
+        {
+            "hidden_dims": [16, 16],
+            "ml_fraction": 0.25,
+            "ml_solver": {"name": "rk4", "steps": 3},
+            "ml_divergence": {"name": "exact"},
+        },
+    ).double()
+    x = torch.randn(64, 2, dtype=torch.float64)
+    # Until the count is known (a budget warm-up) and for the first 75% of it: CFM.
+    for it, planned in ((5, None), (1, 8), (6, 8)):
+        model.set_iteration(it, planned)
+        assert "cfm" in model.training_loss(x).stats
+    # The last 25% (iterations 7 and 8 of 8): the NLL of the rk4 solve, 3 steps = 12 NFE.
+    model.set_iteration(7, 8)
+    out = model.training_loss(x)
+    assert out.stats["nfe_forward"] == 12 and "cfm" not in out.stats
+    # Brute force: the same rk4 solve of [z, log det] with the Jacobian trace by autograd.
+    field = model.field
+
+    def augmented(t: Tensor, z: Tensor) -> tuple[Tensor, Tensor]:
+        f = field(t, z)
+        jac = torch.stack(
+            [torch.autograd.functional.jacobian(lambda v: field(t, v[None])[0], zi) for zi in z]
+        )
+        return f, jac.diagonal(dim1=1, dim2=2).sum(1)
+
+    z, logdet, h = x.clone(), torch.zeros(64, dtype=torch.float64), 1 / 3
+    for k in range(3):  # torchdiffeq's rk4 is the 3/8 rule
+        t = torch.tensor(k * h, dtype=torch.float64)
+        k1 = augmented(t, z)
+        k2 = augmented(t + h / 3, z + h * k1[0] / 3)
+        k3 = augmented(t + 2 * h / 3, z + h * (k2[0] - k1[0] / 3))
+        k4 = augmented(t + h, z + h * (k1[0] - k2[0] + k3[0]))
+        z = z + h * (k1[0] + 3 * (k2[0] + k3[0]) + k4[0]) / 8
+        logdet = logdet + h * (k1[1] + 3 * (k2[1] + k3[1]) + k4[1]) / 8
+    nll = -(standard_normal_logprob(z) + logdet).mean()
+    assert float(out.loss.detach()) == pytest.approx(float(nll), rel=1e-10)
+    # Its gradient reaches the field's parameters (backprop through the solver).
+    out.loss.backward()
+    assert all(p.grad is not None and p.grad.abs().sum() > 0 for p in field.parameters())
+
+
+def test_ml_fine_tune_takes_the_last_iterations_with_a_fresh_schedule(tmp_path) -> None:
+    from cnf.train.loop import Trainer
+
+    cfg = load_config(
+        "configs/fm/otcfm_ml_toy.yaml",
+        [
+            *TINY,
+            "model.hidden_dims=[16,16]",
+            "train.iters=10",
+            "train.batch_size=32",
+            "train.log_every=1",
+            "model.ml_solver.steps=2",
+            "model.ml_fraction=0.2",
+            f"run.dir={tmp_path / 'run'}",
+        ],
+    )
+    trainer = Trainer(cfg, progress=False, log=lambda _m: None)
+    trainer.prepare()
+    trainer.train()
+    recs = [json.loads(ln) for ln in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
+    recs = [r for r in recs if "loss" in r]
+    # ml_fraction 0.2 of 10: iterations 9-10 are maximum-likelihood ones (NFE 2 x 4).
+    assert [("cfm" in r) for r in recs] == [True] * 8 + [False] * 2
+    assert all(r["nfe_forward"] == 8 for r in recs[8:])
+    # The cosine spans optimiser steps 0-7, then starts afresh at 0.15 x lr for steps
+    # 8-9 (the log gives, at iteration i, the rate of step i: the next one).
+    lr = cfg.train.lr
+    expected = [lr * 0.5 * (1 + math.cos(math.pi * i / 8)) for i in range(1, 8)]
+    expected += [0.15 * lr * 0.5 * (1 + math.cos(math.pi * k / 2)) for k in range(3)]
+    assert [r["lr"] for r in recs] == [pytest.approx(v) for v in expected]
 
 
 # ----------------------------------------------------------------- smoke runs

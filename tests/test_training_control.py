@@ -114,6 +114,7 @@ def test_plateau_state_round_trip() -> None:
         (["train.val_every=5", "train.lr_drop_factor=1.5"], "train.lr_drop_factor"),
         (["train.keep_best=true"], "train.keep_best: needs validation"),
         (["train.budget_warmup_iters=1"], "train.budget_warmup_iters"),
+        (["train.budget_warmup_fraction=1.5"], "train.budget_warmup_fraction"),
     ],
 )
 def test_bad_training_control_keys_are_one_line(overrides: list[str], message: str) -> None:
@@ -333,6 +334,33 @@ def test_budget_fixes_the_count_from_the_warm_up(tmp_path: Path) -> None:
 
     assert read_run_folder(tmp_path / "run").final is not None  # finished, not stale
     assert RunDir(tmp_path / "run").load_checkpoint()["budget"]["iters"] == 13
+
+
+def test_budget_warm_up_lasts_its_fraction_of_the_budget(tmp_path: Path) -> None:
+    # 80% of 2.5 s = 2.0 s: reached after iteration 9 (1 + 8 x 0.125 s), not 5; the
+    # count is fitted there (0.125 s per iteration, 0.5 s left: 4 more) and the
+    # schedule is held at progress 0 until then.
+    trainer = budget_trainer(
+        tmp_path / "run", FakeClock([1.0, 0.125]), "train.budget_warmup_fraction=0.8"
+    )
+    trainer.prepare()
+    assert trainer.train() == "finished" and trainer.budget["iters"] == 13 == trainer.iteration
+    lr = [r["lr"] for r in records(tmp_path / "run") if "loss" in r]
+    base = trainer.cfg.train.lr
+    assert lr[:8] == [pytest.approx(base)] * 8
+    for it in range(9, 14):
+        assert lr[it - 1] == pytest.approx(base * 0.5 * (1 + math.cos(math.pi * it / 13)))
+    # A slow start is not extrapolated: 3 s for iteration 1 and 0.5 s later, with
+    # 20% of 10 s as warm-up, fixes the count after iteration 5 at 5 + floor(5 / 0.5).
+    slow = budget_trainer(
+        tmp_path / "slow",
+        FakeClock([3.0, 0.5]),
+        "train.budget_seconds=10",
+        "train.budget_warmup_fraction=0.2",
+    )
+    slow.prepare()
+    slow.train()
+    assert slow.budget["iters"] == 15 == slow.iteration
 
 
 def test_budget_is_capped_by_train_iters_and_a_frozen_clock(tmp_path: Path) -> None:

@@ -191,7 +191,7 @@ class DiffFlow(GenerativeModel):
                 return n
         return self.steps
 
-    def set_iteration(self, iteration: int) -> None:
+    def set_iteration(self, iteration: int, planned: int | None = None) -> None:
         """Called by the Trainer before each step (progressive number of steps)."""
         self.train_steps = self.steps_at(iteration)
 

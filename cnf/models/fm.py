@@ -134,8 +134,17 @@ class FlowMatchingModel(ChainModel):
         sigma: float = 0.0,
         settings: FlowMatchingSettings | None = None,
         preprocess: Preprocess | None = None,
+        ml_fraction: float = 0.0,
+        ml_settings: FlowSettings | None = None,
+        ml_lr_scale: float = 1.0,
     ):
         super().__init__()
+        if not 0 <= ml_fraction < 1:
+            raise ValueError(f"ml_fraction must be in [0, 1), got {ml_fraction}")
+        self.ml_fraction = float(ml_fraction)
+        self.ml_settings = ml_settings or FlowSettings()
+        self.ml_lr_scale = float(ml_lr_scale)
+        self.ml_phase = False  # set by set_iteration: train by maximum likelihood now
         self.event_shape = tuple(event_shape)
         self.dim = int(torch.Size(self.event_shape).numel())
         self.pairing, self.ot_solver, self.sigma = pairing, ot_solver, float(sigma)
@@ -189,13 +198,38 @@ class FlowMatchingModel(ChainModel):
         self.pairs_x1 = x1.to(self.device, self.dtype)
 
     # ------------------------------------------------------------- training
+    def ml_start(self, planned: int) -> int:
+        """The last iteration before the maximum-likelihood phase (of ``planned``)."""
+        return round((1 - self.ml_fraction) * planned)
+
+    def set_iteration(self, iteration: int, planned: int | None = None) -> None:
+        """Called by the Trainer before each step: the last ``ml_fraction`` of the
+        ``planned`` iterations (once the count is known) are maximum-likelihood ones."""
+        self.ml_phase = (
+            self.ml_fraction > 0 and planned is not None and iteration > self.ml_start(planned)
+        )
+
+    def lr_phase(self, planned: int) -> tuple[int, float] | None:
+        """``(first optimiser step, learning-rate scale)`` of the maximum-likelihood
+        phase, where the Trainer starts the schedule afresh (None: one phase)."""
+        if self.ml_fraction == 0:
+            return None
+        return self.ml_start(planned), self.ml_lr_scale
+
     def training_loss(self, x: Tensor) -> LossOutput:
-        """CFM regression loss on a batch (mean over pairs and dimensions).
+        """CFM regression loss on a batch (mean over pairs and dimensions); in the
+        maximum-likelihood phase (:meth:`set_iteration`) the mean NLL ``−log p(x)``
+        through ``ml_settings``' solve, back-propagated through the solver.
 
         With reflow pairs set, ``x`` only gives the batch size: the pairs are
         drawn from the stored set with the global RNG (seeded per iteration
         by the training loop, so runs stay reproducible and resumable).
         """
+        if self.ml_phase:
+            logp, out = self.chain_log_prob(x, self.ml_settings)
+            nll = -logp.mean()
+            stats = {"nll": float(nll.detach()), "nfe_forward": out.stats.nfe_forward}
+            return LossOutput(nll, stats)
         batch = x.shape[0]
         if self.pairs_x0 is not None:
             idx = torch.randint(0, self.pairs_x0.shape[0], (batch,), device=self.pairs_x0.device)
@@ -292,6 +326,11 @@ def build_flow_matching(
         sigma=cfg.sigma,
         settings=settings,
         preprocess=cfg.preprocess.build(),
+        ml_fraction=cfg.ml_fraction,
+        ml_lr_scale=cfg.ml_lr_scale,
+        ml_settings=FlowSettings(
+            solver=cfg.ml_solver.build(), divergence=cfg.ml_divergence.build().build(dim)
+        ),
     )
     if cfg.init_from:
         from cnf.rundir import load_weights

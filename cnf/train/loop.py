@@ -20,7 +20,8 @@ folder's ``best.pt`` and the test evaluation restores it (``final.json``:
 iteration count validates its last iteration too, so it competes.
 
 **Budget** (``train.budget_seconds``): the first ``train.budget_warmup_iters``
-iterations are timed (the first one left out: it pays one-off costs), and
+iterations, and at least ``train.budget_warmup_fraction`` of the budget, are
+timed (the first iteration left out: it pays one-off costs), and
 the iteration count is fixed once, at most ``train.iters``, so that the
 budget of training seconds is spent; until then the schedule's progress is
 held at 0, afterwards it spans that count. The count is in the checkpoint:
@@ -179,7 +180,16 @@ class Trainer:
         iters = self.planned_iters
         if iters is None:  # a budget run before its count is fixed
             return drop * SCHEDULES[t.schedule](0.0)
-        span = max(1, iters - t.warmup_iters)
+        # A model whose last phase trains another loss (fm's maximum-likelihood
+        # fine-tune) starts the schedule afresh there, at its own scale.
+        phase = getattr(self.model, "lr_phase", None)
+        phase = phase(iters) if phase is not None else None
+        if phase is not None and step >= phase[0]:
+            start, scale = phase
+            progress = (step - start) / max(1, iters - start)
+            return drop * scale * SCHEDULES[t.schedule](min(1.0, progress))
+        end = phase[0] if phase is not None else iters
+        span = max(1, end - t.warmup_iters)
         return drop * SCHEDULES[t.schedule](min(1.0, (step - t.warmup_iters) / span))
 
     def _apply_lr(self) -> None:
@@ -309,8 +319,8 @@ class Trainer:
             t0 = self.clock()
             torch.manual_seed(iteration_seed(cfg.seed, it, self.rank))
             x = self._batch(it)
-            if hasattr(self.model, "set_iteration"):  # e.g. a progressive number of steps
-                self.model.set_iteration(it)
+            if hasattr(self.model, "set_iteration"):  # progressive steps, a loss by phase
+                self.model.set_iteration(it, self.planned_iters)
             loss = step_module(x)
             out = (step_module.module if parallel else step_module).last
             if not parallel and not torch.isfinite(loss):
@@ -414,6 +424,11 @@ class Trainer:
             self.budget["first_seconds"] = self.train_seconds
         if it < t.budget_warmup_iters:
             return
+        if t.budget_warmup_fraction > 0:
+            # Rank 0's clock decides, on every rank alike (the count is a collective).
+            short = self.train_seconds < t.budget_warmup_fraction * t.budget_seconds
+            if distributed.broadcast_float(float(short) if self.rank == 0 else None):
+                return
         count = None
         if self.rank == 0:
             timed = max(1, it - 1)  # iterations 2..it
