@@ -367,7 +367,9 @@ def test_config_names_are_validated() -> None:
     with pytest.raises(ConfigError, match="model.ml_fraction: must be in"):
         load_config("configs/fm/otcfm_toy.yaml", ["model.ml_fraction=1"])
     with pytest.raises(ConfigError, match="model.ml_fraction: not with train.budget_seconds"):
-        load_config("configs/fm/otcfm_ml_toy.yaml", ["train.budget_seconds=60"])
+        load_config(
+            "configs/fm/otcfm_toy.yaml", ["model.ml_fraction=0.1", "train.budget_seconds=60"]
+        )
     with pytest.raises(ConfigError, match="ml_divergence.name: training needs exact or hutchinson"):
         load_config("configs/fm/otcfm_toy.yaml", ["model.ml_divergence.name=auto"])
 
@@ -422,9 +424,10 @@ def test_ml_fine_tune_takes_the_last_iterations_with_a_fresh_schedule(tmp_path) 
     from cnf.train.loop import Trainer
 
     cfg = load_config(
-        "configs/fm/otcfm_ml_toy.yaml",
+        "configs/fm/otcfm_toy.yaml",
         [
             *TINY,
+            "model.ml_lr_scale=0.15",
             "model.hidden_dims=[16,16]",
             "train.iters=10",
             "train.batch_size=32",
