@@ -59,22 +59,32 @@ MODES = {
 }
 
 
-def run(overrides: list[str], iters: int, checkpoints: tuple[int, ...], num_test: int) -> dict:
-    cfg = load_config("configs/ffjord/toy.yaml", overrides + [f"train.iters={iters}"])
+def toy_setup(overrides: list[str], num_test: int) -> tuple:
+    """``(cfg, data, model, optimiser)`` of the toy config with ``overrides``, seeded."""
+    cfg = load_config("configs/ffjord/toy.yaml", overrides)
     data = build_dataset(cfg.data.name, test_size=num_test, val_size=10)
     torch.manual_seed(cfg.seed)
     model = build_model(cfg, data.event_shape)
     opt = torch.optim.Adam(model.parameters(), lr=cfg.train.lr, weight_decay=cfg.train.weight_decay)
+    return cfg, data, model, opt
+
+
+def toy_batch(cfg, data, it: int) -> torch.Tensor:  # noqa: ANN001
+    """Iteration ``it``'s training batch, with the training loop's seeds."""
+    torch.manual_seed(iteration_seed(cfg.seed, it))
+    x = data.sample_train(batch_rng(cfg.seed, it), cfg.train.batch_size)
+    return torch.as_tensor(x, dtype=torch.float32)
+
+
+def run(overrides: list[str], iters: int, checkpoints: tuple[int, ...], num_test: int) -> dict:
+    cfg, data, model, opt = toy_setup(overrides + [f"train.iters={iters}"], num_test)
     if cfg.train.schedule == "cosine":
         sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, T_max=iters)
     else:
         sched = None
     times, nfe_f, nfe_b, out = [], [], [], {}
     for it in range(1, iters + 1):
-        torch.manual_seed(iteration_seed(cfg.seed, it))
-        x = torch.as_tensor(
-            data.sample_train(batch_rng(cfg.seed, it), cfg.train.batch_size), dtype=torch.float32
-        )
+        x = toy_batch(cfg, data, it)
         t0 = time.perf_counter()
         loss = model.training_loss(x)
         opt.zero_grad(set_to_none=True)

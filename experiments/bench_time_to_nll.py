@@ -27,7 +27,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import math
 import os
 import sys
 from pathlib import Path
@@ -36,6 +35,7 @@ os.environ.setdefault("OMP_NUM_THREADS", "1")
 
 import _cli  # noqa: E402,F401  (puts the repo on sys.path)
 
+from cnf.metrics import mean_stderr  # noqa: E402
 from cnf.sweep import SweepError, base_label, load_sweep, plan, run_status  # noqa: E402
 
 REPO = Path(__file__).resolve().parents[1]
@@ -75,15 +75,6 @@ def select(runs, *, data, budgets, seeds, models) -> list:
         )
 
     return [r for r in runs if keep(r)]
-
-
-def _mean_se(values: list[float]) -> tuple[float, float]:
-    n = len(values)
-    mean = sum(values) / n
-    if n < 2:
-        return mean, float("nan")
-    var = sum((v - mean) ** 2 for v in values) / (n - 1)
-    return mean, math.sqrt(var / n)
 
 
 def collect(runs) -> list[dict]:
@@ -140,8 +131,8 @@ def report(rows: list[dict]) -> str:
                         f" {r['test_nll']:>9.4f} {r['gap']:>8.4f} {r['gap_stderr']:>7.4f}"
                         f" {r['iters']:>7} {r['spent']:>8.1f}"
                     )
-                nll, _ = _mean_se([r["test_nll"] for r in cell])
-                gap, gap_se = _mean_se([r["gap"] for r in cell])
+                nll, _ = mean_stderr([r["test_nll"] for r in cell])
+                gap, gap_se = mean_stderr([r["gap"] for r in cell])
                 means[(budget, model)] = (nll, gap, gap_se, len(cell))
         out.append(
             f"\nmean over seeds (± standard error across seeds); ratio = gap / {NAMES[PEER]}'s gap"

@@ -49,13 +49,9 @@ os.environ.setdefault("OMP_NUM_THREADS", "1")
 
 import _cli  # noqa: E402,F401  (puts the repo on sys.path)
 import torch  # noqa: E402
-from bench_ffjord import ORIGINAL  # noqa: E402
+from bench_ffjord import ORIGINAL, toy_batch, toy_setup  # noqa: E402
 
 import cnf.solve as solve_module  # noqa: E402
-from cnf.config import load_config  # noqa: E402
-from cnf.data import batch_rng, build_dataset  # noqa: E402
-from cnf.models import build_model  # noqa: E402
-from cnf.train.loop import iteration_seed  # noqa: E402
 
 MODELS = {"default": [], "original": ORIGINAL + ["model.solver.adjoint=false"]}
 
@@ -132,16 +128,7 @@ def op_overhead(n: int = 20000) -> float:
 
 
 def profile(name: str, overrides: list[str], warmup: int, iters: int, reps: int) -> list[tuple]:
-    cfg = load_config("configs/ffjord/toy.yaml", overrides)
-    data = build_dataset(cfg.data.name, test_size=10, val_size=10)
-    torch.manual_seed(cfg.seed)
-    model = build_model(cfg, data.event_shape)
-    opt = torch.optim.Adam(model.parameters(), lr=cfg.train.lr, weight_decay=cfg.train.weight_decay)
-
-    def batch(it: int) -> torch.Tensor:
-        torch.manual_seed(iteration_seed(cfg.seed, it))
-        x = data.sample_train(batch_rng(cfg.seed, it), cfg.train.batch_size)
-        return torch.as_tensor(x, dtype=torch.float32)
+    cfg, data, model, opt = toy_setup(overrides, num_test=10)
 
     def step(x: torch.Tensor, phases: dict) -> None:
         a = time.perf_counter()
@@ -158,12 +145,12 @@ def profile(name: str, overrides: list[str], warmup: int, iters: int, reps: int)
         phases["nfe"] += loss.stats["nfe_forward"]
 
     for it in range(1, warmup + 1):
-        step(batch(it), defaultdict(float))
+        step(toy_batch(cfg, data, it), defaultdict(float))
     phases: dict[str, float] = defaultdict(float)
     evals = defaultdict(float)
     with DynamicsTimer() as timer:
         for it in range(warmup + 1, warmup + iters + 1):
-            step(batch(it), phases)
+            step(toy_batch(cfg, data, it), phases)
             # The net's cost on this iteration's own states (a mid-solve state).
             for k, v in per_eval(*timer.last, reps=reps).items():
                 evals[k] += v
@@ -177,7 +164,7 @@ def profile(name: str, overrides: list[str], warmup: int, iters: int, reps: int)
     # from Python (ATen operators not inside another one; autograd's included).
     with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU]) as prof:
         for it in range(warmup + 1, warmup + iters + 1):
-            step(batch(it), defaultdict(float))
+            step(toy_batch(cfg, data, it), defaultdict(float))
     ops = (
         sum(
             1

@@ -101,11 +101,13 @@ def test_report_gives_each_run_the_seed_means_and_the_ratio_to_the_peer(tmp_path
 
 
 def test_mean_and_standard_error_across_seeds() -> None:
-    mean, se = bench._mean_se([1.0, 2.0, 4.0])
+    from cnf.metrics import mean_stderr  # what the report's seed means use
+
+    mean, se = mean_stderr([1.0, 2.0, 4.0])
     assert mean == pytest.approx(7 / 3)
     sd = math.sqrt(((1 - 7 / 3) ** 2 + (2 - 7 / 3) ** 2 + (4 - 7 / 3) ** 2) / 2)
     assert se == pytest.approx(sd / math.sqrt(3))
-    assert math.isnan(bench._mean_se([1.0])[1])
+    assert math.isnan(mean_stderr([1.0])[1])
 
 
 @pytest.mark.parametrize(

@@ -13,6 +13,7 @@ References:
 
 from __future__ import annotations
 
+from abc import ABCMeta, abstractmethod
 from collections.abc import Iterator
 
 import torch
@@ -33,7 +34,7 @@ __all__ = [
 ]
 
 
-class _SpectralNorm(nn.Module):
+class _SpectralNorm(nn.Module, metaclass=ABCMeta):
     """Shared logic: persistent power-iteration vectors and the rescaled weight.
 
     The weight used is ``W / max(1, sigma / coeff)`` with ``sigma = u^T W v`` the
@@ -81,11 +82,13 @@ class _SpectralNorm(nn.Module):
             self.initialised.fill_(True)
             self.power_iteration(self.init_iters)
 
+    @abstractmethod
     def _op(self, v: Tensor) -> Tensor:
-        raise NotImplementedError
+        """The weight applied to ``v`` (``W v``)."""
 
+    @abstractmethod
     def _op_t(self, u: Tensor) -> Tensor:
-        raise NotImplementedError
+        """The transposed weight applied to ``u`` (``Wᵀ u``)."""
 
     @torch.no_grad()
     def power_iteration(self, num_iters: int = 1) -> None:

@@ -17,6 +17,7 @@ References:
 from __future__ import annotations
 
 import math
+from abc import ABC, abstractmethod
 from typing import Any
 
 import torch
@@ -47,7 +48,7 @@ def _probe(x: Tensor, kind: str, generator: torch.Generator | None) -> Tensor:
     return sample_probe(tuple(x.shape), kind, dtype=x.dtype, device=x.device, generator=generator)
 
 
-class LogDetEstimator:
+class LogDetEstimator(ABC):
     """Estimates ``log det(I + dg/dx)`` per sample from ``gx = g(x)`` and ``x``.
 
     ``__call__(gx, x, create_graph)`` returns shape ``(B,)``. ``x`` must require
@@ -55,8 +56,9 @@ class LogDetEstimator:
     estimate differentiable (training).
     """
 
+    @abstractmethod
     def __call__(self, gx: Tensor, x: Tensor, create_graph: bool) -> Tensor:
-        raise NotImplementedError
+        """``log det(I + dg/dx)`` per sample, ``(B,)``."""
 
 
 class ExactLogDet(LogDetEstimator):
