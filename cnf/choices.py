@@ -23,7 +23,7 @@ from cnf.divergence import DIVERGENCES, PROBES
 from cnf.flows.registry import FLOWS, FLOWS_OR_IDENTITY
 from cnf.models import MODELS
 from cnf.models.diffflow import DIFFFLOW_NETS
-from cnf.models.ffjord import FFJORD_ARCHITECTURES, REGULARIZER_NORMS
+from cnf.models.ffjord import FFJORD_ARCHITECTURES, LOSS_UNITS, REGULARIZER_NORMS
 from cnf.models.fm import FM_NETS
 from cnf.nets import ACTIVATIONS, CONV_LAYERS, LAYERS
 from cnf.registry import Registry
@@ -56,6 +56,7 @@ __all__ = [
     "FM_NETS",
     "GRIDS",
     "LAYERS",
+    "LOSS_UNITS",
     "METHODS",
     "MODELS",
     "OPTIMIZERS",

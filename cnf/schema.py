@@ -248,7 +248,9 @@ class FFJORDSchema:
     H and W allow). ``hidden_dims`` are widths (mlp) or channels (conv layers).
     ``regularizer_norm``: ``sum`` weighs ``∫‖f‖²`` and ``∫‖εᵀ∂f/∂z‖²`` as
     written; ``per_dim`` is the objective of RNODE's released code (see
-    :mod:`cnf.models.ffjord`).
+    :mod:`cnf.models.ffjord`). ``loss_unit``: the training objective in
+    ``nats`` per sample or ``bits_per_dim`` (divided by ``D ln 2``, as the
+    FFJORD/RNODE image scripts train; it matters for the adjoint's tolerances).
     """
 
     family: str = "ffjord"
@@ -267,6 +269,7 @@ class FFJORDSchema:
     kinetic: float = 0.0  # RNODE weight of ∫‖f‖² dt
     jacobian: float = 0.0  # RNODE weight of ∫‖∂f/∂z‖_F² dt
     regularizer_norm: str = "sum"  # sum | per_dim (RNODE's released code)
+    loss_unit: str = "nats"  # nats | bits_per_dim (training objective; FFJORD/RNODE image scripts)
     preprocess: PreprocessSchema = field(default_factory=PreprocessSchema)
 
     def __post_init__(self) -> None:
@@ -275,6 +278,7 @@ class FFJORDSchema:
         _check("CONV_LAYERS" if images else "LAYERS", "layer", self.layer)
         _check("ACTIVATIONS", "activation", self.activation)
         _check("REGULARIZER_NORMS", "regularizer_norm", self.regularizer_norm)
+        _check("LOSS_UNITS", "loss_unit", self.loss_unit)
         _widths("hidden_dims", self.hidden_dims)
         if self.divergence.name == "auto":
             raise ValueError("divergence.name: training needs exact or hutchinson")
