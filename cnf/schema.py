@@ -538,6 +538,12 @@ class TrainSchema:
     # ... and at least this fraction of the budget: the first iterations of a fast
     # model run slower (allocator, caches), and a count fitted to them underspends.
     budget_warmup_fraction: float = 0.05
+    # Re-fit the count this many times after the warm-up, evenly over what is left,
+    # from the seconds per iteration since the last fit (0 = fixed once): the count
+    # then follows iterations that slow down (an adaptive solver's NFE grows) and
+    # the machine's load, at the price that a run resumed before its last re-fit
+    # re-fits with its own machine's speed.
+    budget_replans: int = 0
 
     def __post_init__(self) -> None:
         _check("OPTIMIZERS", "optimizer", self.optimizer)
@@ -547,6 +553,7 @@ class TrainSchema:
             raise ValueError(
                 f"budget_warmup_fraction: must be in [0, 1), got {self.budget_warmup_fraction}"
             )
+        _non_negative(budget_replans=self.budget_replans)
         if self.budget_warmup_iters < 2:
             raise ValueError(f"budget_warmup_iters: must be >= 2, got {self.budget_warmup_iters}")
         if not 0 < self.lr_drop_factor < 1:

@@ -115,6 +115,7 @@ def test_plateau_state_round_trip() -> None:
         (["train.keep_best=true"], "train.keep_best: needs validation"),
         (["train.budget_warmup_iters=1"], "train.budget_warmup_iters"),
         (["train.budget_warmup_fraction=1.5"], "train.budget_warmup_fraction"),
+        (["train.budget_replans=-1"], "train.budget_replans"),
     ],
 )
 def test_bad_training_control_keys_are_one_line(overrides: list[str], message: str) -> None:
@@ -368,6 +369,88 @@ def test_budget_is_capped_by_train_iters_and_a_frozen_clock(tmp_path: Path) -> N
     trainer.prepare()
     trainer.train()
     assert trainer.budget["iters"] == 9 == trainer.iteration
+
+
+# Iteration 1 pays 1 s, iterations 2-5 (the warm-up) 0.125 s, every later one
+# 0.25 s: the cost doubles after the count is fitted, as an adaptive solver's
+# NFE grows (binary fractions: the clock's sums are exact).
+SLOWING = [1.0, 0.125, 0.125, 0.125, 0.125, 0.25]
+SLOWING_BUDGET = "train.budget_seconds=5"
+
+
+def test_budget_fixed_once_overruns_when_iterations_slow_down(tmp_path: Path) -> None:
+    # Fitted after 5 iterations (1.5 s) at 0.125 s each: 28 more for the 3.5 s
+    # left, which then cost 7 s: 8.5 s spent of a 5 s budget.
+    trainer = budget_trainer(tmp_path / "run", FakeClock(SLOWING), SLOWING_BUDGET)
+    trainer.prepare()
+    trainer.train()
+    assert trainer.budget["iters"] == 33 == trainer.iteration
+    assert trainer.train_seconds == 8.5
+    assert trainer.final_metrics()["budget_replans"] == 0
+
+
+def test_budget_replans_follow_slower_iterations(tmp_path: Path) -> None:
+    # The same run with 4 re-fits: the first comes 28 / 5 iterations after the
+    # fit, at iteration 11 (3 s spent, 0.25 s per iteration since iteration 5),
+    # and re-fits the count to 11 + 2 / 0.25 = 19; the later ones keep it.
+    run = tmp_path / "run"
+    trainer = budget_trainer(run, FakeClock(SLOWING), SLOWING_BUDGET, "train.budget_replans=4")
+    trainer.prepare()
+    trainer.train()
+    assert trainer.budget["iters"] == 19 == trainer.iteration
+    assert trainer.train_seconds == 5.0
+    final = trainer.final_metrics()
+    assert final["budget_replans"] == 4 and final["budget_iters"] == 19
+    # The cosine schedule spans the count in force: 33 until iteration 11, then 19.
+    lr = [r["lr"] for r in records(run) if "loss" in r]
+    base = trainer.cfg.train.lr
+    for it in range(5, 11):
+        assert lr[it - 1] == pytest.approx(base * 0.5 * (1 + math.cos(math.pi * it / 33)))
+    for it in range(11, 20):
+        assert lr[it - 1] == pytest.approx(base * 0.5 * (1 + math.cos(math.pi * it / 19)))
+
+
+def test_budget_replans_spend_what_a_lighter_load_frees(tmp_path: Path) -> None:
+    # A warm-up slowed by load (0.25 s per iteration) that then lifts (0.0625 s):
+    # fixed once, the count is 5 + 1.25 / 0.25 = 10 and 0.9375 s of the 2.5 s go
+    # unspent; with 3 re-fits the first (iteration 7) re-fits to 7 + 1.125 / 0.0625
+    # = 25 and the run spends the budget.
+    seconds = [0.25, 0.25, 0.25, 0.25, 0.25, 0.0625]
+    once = budget_trainer(tmp_path / "once", FakeClock(seconds))
+    once.prepare()
+    once.train()
+    assert once.iteration == 10 and once.train_seconds == 1.5625
+    replanned = budget_trainer(tmp_path / "re", FakeClock(seconds), "train.budget_replans=3")
+    replanned.prepare()
+    replanned.train()
+    assert replanned.iteration == 25 and replanned.train_seconds == 2.5
+
+
+def test_budget_resume_after_the_last_replan_ends_where_the_count_says(tmp_path: Path) -> None:
+    # 2 re-fits (iterations 15 and 17) set the count to 19; a run stopped at 18
+    # and resumed on a machine 40x slower has no re-fit left: it ends at 19 too.
+    replans = "train.budget_replans=2"
+    ref = budget_trainer(tmp_path / "ref", FakeClock(SLOWING), SLOWING_BUDGET, replans)
+    ref.prepare()
+    ref.train()
+    assert ref.budget["replans"] == 2 and ref.iteration == 19
+    run_dir = tmp_path / "run"
+    first = budget_trainer(run_dir, FakeClock(SLOWING), SLOWING_BUDGET, replans)
+    first.prepare()
+    log = first._log
+
+    def stop_at_eighteen(record: dict[str, Any], step: int) -> None:
+        log(record, step)
+        if step == 18:
+            first.request_stop("test")
+
+    first._log = stop_at_eighteen
+    assert first.train() == "interrupted" and first.budget["iters"] == 19
+    second = budget_trainer(run_dir, FakeClock([1.0], slow=10.0), SLOWING_BUDGET, replans)
+    second.prepare()
+    assert second.train() == "finished" and second.iteration == 19
+    assert records(run_dir) == records(tmp_path / "ref")
+    assert second.final_metrics()["test_nll"] == ref.final_metrics()["test_nll"]
 
 
 def test_budget_resume_on_a_slower_machine_ends_where_the_count_says(tmp_path: Path) -> None:

@@ -27,8 +27,14 @@ budget of training seconds is spent; until then the schedule's progress is
 held at 0, afterwards it spans that count. The count is in the checkpoint:
 a resumed run ends exactly where an uninterrupted one with that count does,
 however fast its machine. Iterations that slow down later (an adaptive
-solver's NFE grows) overrun the budget; ``final.json`` gives
-``budget_seconds``, ``budget_iters`` and ``budget_spent_seconds``.
+solver's NFE grows) overrun such a budget. With ``train.budget_replans = R``
+the count is fitted again R times, spread evenly over the iterations left
+after each fit, from the seconds per iteration since the previous fit, and
+the schedule then spans the new count: the seconds spent follow the budget
+through a growing NFE or a changing load; a run resumed before its last
+re-fit re-fits with its own machine's speed (after it, it ends exactly where
+the count says). ``final.json`` gives ``budget_seconds``, ``budget_iters``,
+``budget_spent_seconds`` and ``budget_replans`` (the re-fits done).
 
 The counters of both (best value, validations without improvement, drops
 done, the fixed count) are in the checkpoint, so resume stays exact.
@@ -142,7 +148,14 @@ class Trainer:
         t = cfg.train
         self.plateau = Plateau(tuple(t.lr_drop_after), t.early_stop_after)
         # The fixed iteration count of a budget run and the first iteration's seconds.
-        self.budget: dict[str, Any] = {"iters": None, "first_seconds": None}
+        # Re-fits: how many were done, and the iteration and seconds of the last fit.
+        self.budget: dict[str, Any] = {
+            "iters": None,
+            "first_seconds": None,
+            "replans": 0,
+            "fit_iter": None,
+            "fit_seconds": None,
+        }
         self.val_settings = self.eval_model.with_settings(flatten_config(to_dict(t.val_settings)))
         self.optimizer = self._build_optimizer()
         self.scheduler = torch.optim.lr_scheduler.LambdaLR(self.optimizer, self._lr_factor)
@@ -355,8 +368,11 @@ class Trainer:
             self.iteration = it
             self.train_seconds += self.clock() - t0
             window_iters += 1
-            if cfg.train.budget_seconds > 0 and self.budget["iters"] is None:
-                self._budget_step(it)
+            if cfg.train.budget_seconds > 0:
+                if self.budget["iters"] is None:
+                    self._budget_step(it)
+                elif self._replan_due(it):
+                    self._budget_replan(it)
                 if bar is not None and self.budget["iters"] is not None:
                     bar.total = self.budget["iters"]
 
@@ -437,10 +453,39 @@ class Trainer:
             count = t.iters if per_iter <= 0 else it + max(0, math.floor(left / per_iter))
             count = max(it, min(t.iters, count))
         self.budget["iters"] = int(distributed.broadcast_float(count))
+        self.budget["fit_iter"], self.budget["fit_seconds"] = it, self.train_seconds
         self._apply_lr()  # the schedule now spans the fixed count
         self.log(
             f"budget {t.budget_seconds:g} s: {self.budget['iters']} iterations "
             f"({self.train_seconds / it:.4f} s per iteration so far)"
+        )
+
+    def _replan_due(self, it: int) -> bool:
+        """Whether iteration ``it`` is the next re-fit: the iterations left after the
+        last fit split evenly among the re-fits left (``train.budget_replans``)."""
+        b = self.budget
+        left = self.cfg.train.budget_replans - b["replans"]
+        if left <= 0 or b["fit_iter"] is None or it >= b["iters"]:
+            return False
+        return it >= b["fit_iter"] + (b["iters"] - b["fit_iter"]) / (left + 1)
+
+    def _budget_replan(self, it: int) -> None:
+        """Fit the count again from the seconds per iteration since the last fit."""
+        t, b = self.cfg.train, self.budget
+        count = None
+        if self.rank == 0:
+            per_iter = (self.train_seconds - b["fit_seconds"]) / max(1, it - b["fit_iter"])
+            left = t.budget_seconds - self.train_seconds
+            count = t.iters if per_iter <= 0 else it + max(0, math.floor(left / per_iter))
+            count = max(it, min(t.iters, count))
+        previous = b["iters"]
+        b["iters"] = int(distributed.broadcast_float(count))
+        b["replans"] += 1
+        b["fit_iter"], b["fit_seconds"] = it, self.train_seconds
+        self._apply_lr()  # the schedule now spans the new count
+        self.log(
+            f"budget re-fit {b['replans']}/{t.budget_replans} at iteration {it}: "
+            f"{previous} -> {b['iters']} iterations"
         )
 
     def validate(self) -> dict[str, Any]:
@@ -555,6 +600,7 @@ class Trainer:
                 budget_seconds=t.budget_seconds,
                 budget_iters=self.budget["iters"],
                 budget_spent_seconds=self.train_seconds,
+                budget_replans=self.budget["replans"],
             )
         if t.val_every:
             final.update(best_val=self.plateau.best, best_val_iteration=self.plateau.best_iteration)
