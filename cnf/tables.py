@@ -117,6 +117,8 @@ FID_KEYS = {
     "kid": "kid",
     "num_samples": "fid_num_samples",
     "nfe_per_sample": "fid_nfe",
+    "fid_data": "fid_data",  # the held-out test images' own FD: a reference row's floor
+    "kid_data": "kid_data",
 }
 STATUS_FOOTNOTES = {
     "†": "† unverified: a published number not yet checked against the paper; do not cite it as is.",

@@ -96,6 +96,15 @@ def test_twin_trains_scores_fid_and_renders_the_table(tmp_path: Path) -> None:
         for key in ("test_bpd", "fid"):
             cell = table.cells[(row.label, "digits", key)]
             assert cell.n == 1 and math.isfinite(cell.mean), (row.label, key)
+    # The reference row: the test digits' own FD, read from the runs (the same
+    # for every run: the same 359 images and training set), not written in the spec.
+    (ref,) = spec.references
+    floor = table.cells[(ref.label, "digits", "fid")].mean
+    data_fd = {
+        json.loads((runs / "diffusion_digits" / r / "fid.json").read_text())["fid_data"]
+        for r in TWIN
+    }
+    assert len(data_fd) == 1 and floor == pytest.approx(data_fd.pop()) and 0 < floor < 1
 
     rc, out, err = run_script(
         "tables.py", [str(SPEC), "--runs-root", str(runs), "--out", str(tmp_path / "tables")]
