@@ -298,6 +298,18 @@ class FakeClock:
 BUDGET = ("train.budget_seconds=2.5", "train.budget_warmup_iters=5", "train.schedule=cosine")
 
 
+def stop_at(trainer: Trainer, step: int) -> None:
+    """Make ``trainer`` ask to stop (checkpoint and return) once it has logged ``step``."""
+    log = trainer._log
+
+    def logging_then_stopping(record: dict[str, Any], at: int) -> None:
+        log(record, at)
+        if at == step:
+            trainer.request_stop("test")
+
+    trainer._log = logging_then_stopping
+
+
 def budget_trainer(run_dir: Path, clock: FakeClock, *extra: str) -> Trainer:
     cfg = load_config(
         FLOW_CONFIG,
@@ -437,14 +449,7 @@ def test_budget_resume_after_the_last_replan_ends_where_the_count_says(tmp_path:
     run_dir = tmp_path / "run"
     first = budget_trainer(run_dir, FakeClock(SLOWING), SLOWING_BUDGET, replans)
     first.prepare()
-    log = first._log
-
-    def stop_at_eighteen(record: dict[str, Any], step: int) -> None:
-        log(record, step)
-        if step == 18:
-            first.request_stop("test")
-
-    first._log = stop_at_eighteen
+    stop_at(first, 18)
     assert first.train() == "interrupted" and first.budget["iters"] == 19
     second = budget_trainer(run_dir, FakeClock([1.0], slow=10.0), SLOWING_BUDGET, replans)
     second.prepare()
@@ -462,14 +467,7 @@ def test_budget_resume_on_a_slower_machine_ends_where_the_count_says(tmp_path: P
     run_dir = tmp_path / "run"
     first = budget_trainer(run_dir, FakeClock([1.0, 0.125]))
     first.prepare()
-    log = first._log
-
-    def stop_at_seven(record: dict[str, Any], step: int) -> None:
-        log(record, step)
-        if step == 7:
-            first.request_stop("test")
-
-    first._log = stop_at_seven
+    stop_at(first, 7)
     assert first.train() == "interrupted" and first.budget["iters"] == 13
     second = budget_trainer(run_dir, FakeClock([1.0], slow=10.0))  # 10 s per iteration now
     second.prepare()

@@ -445,16 +445,8 @@ class Trainer:
             short = self.train_seconds < t.budget_warmup_fraction * t.budget_seconds
             if distributed.broadcast_float(float(short) if self.rank == 0 else None):
                 return
-        count = None
-        if self.rank == 0:
-            timed = max(1, it - 1)  # iterations 2..it
-            per_iter = (self.train_seconds - self.budget["first_seconds"]) / timed
-            left = t.budget_seconds - self.train_seconds
-            count = t.iters if per_iter <= 0 else it + max(0, math.floor(left / per_iter))
-            count = max(it, min(t.iters, count))
-        self.budget["iters"] = int(distributed.broadcast_float(count))
-        self.budget["fit_iter"], self.budget["fit_seconds"] = it, self.train_seconds
-        self._apply_lr()  # the schedule now spans the fixed count
+        # Iterations 2..it: the first paid one-off costs.
+        self._fit_count(it, self.budget["first_seconds"], max(1, it - 1))
         self.log(
             f"budget {t.budget_seconds:g} s: {self.budget['iters']} iterations "
             f"({self.train_seconds / it:.4f} s per iteration so far)"
@@ -469,20 +461,27 @@ class Trainer:
             return False
         return it >= b["fit_iter"] + (b["iters"] - b["fit_iter"]) / (left + 1)
 
-    def _budget_replan(self, it: int) -> None:
-        """Fit the count again from the seconds per iteration since the last fit."""
-        t, b = self.cfg.train, self.budget
+    def _fit_count(self, it: int, since_seconds: float, timed: int) -> None:
+        """Fix the count at iteration ``it`` so the budget's seconds are spent, at the
+        seconds per iteration of the ``timed`` iterations since ``since_seconds``
+        (rank 0's clock, the same count on every rank); the schedule spans it."""
+        t = self.cfg.train
         count = None
         if self.rank == 0:
-            per_iter = (self.train_seconds - b["fit_seconds"]) / max(1, it - b["fit_iter"])
+            per_iter = (self.train_seconds - since_seconds) / timed
             left = t.budget_seconds - self.train_seconds
             count = t.iters if per_iter <= 0 else it + max(0, math.floor(left / per_iter))
             count = max(it, min(t.iters, count))
+        self.budget["iters"] = int(distributed.broadcast_float(count))
+        self.budget["fit_iter"], self.budget["fit_seconds"] = it, self.train_seconds
+        self._apply_lr()
+
+    def _budget_replan(self, it: int) -> None:
+        """Fit the count again from the seconds per iteration since the last fit."""
+        t, b = self.cfg.train, self.budget
         previous = b["iters"]
-        b["iters"] = int(distributed.broadcast_float(count))
+        self._fit_count(it, b["fit_seconds"], max(1, it - b["fit_iter"]))
         b["replans"] += 1
-        b["fit_iter"], b["fit_seconds"] = it, self.train_seconds
-        self._apply_lr()  # the schedule now spans the new count
         self.log(
             f"budget re-fit {b['replans']}/{t.budget_replans} at iteration {it}: "
             f"{previous} -> {b['iters']} iterations"
