@@ -52,7 +52,6 @@ References:
 
 from __future__ import annotations
 
-import functools
 from collections.abc import Sequence
 
 import torch
@@ -147,13 +146,12 @@ class ConditionalResidualBlock(ResidualBlock):
         self, x: Tensor, h: Tensor, settings: FlowSettings = DEFAULT_SETTINGS
     ) -> FlowOutput:
         """``z = x + g(x; h)`` and ``log|det ∂z/∂x|`` ``(B,)`` by the call's (or the block's) estimator."""
-        g = functools.partial(self.g, h=h)
-        z, logdet = self._forward(x, settings.logdet or self.logdet_estimator, g)
+        z, logdet = self._forward(x, settings.logdet or self.logdet_estimator, (h,))
         return FlowOutput(z, logdet)
 
     def inverse_given(self, z: Tensor, h: Tensor) -> Tensor:
         """The fixed-point inverse of :meth:`transform_given` for the same ``h``."""
-        return self.inverse(z, g=functools.partial(self.g, h=h))
+        return self.inverse(z, cond=(h,))
 
     def transform(self, x: Tensor, settings: FlowSettings = DEFAULT_SETTINGS) -> FlowOutput:
         raise TypeError("ConditionalResidualBlock needs its global latent: call transform_given")
@@ -404,7 +402,15 @@ def global_latent_resflow(
                 activation=activation,
             )
             g = GlobalShift(net, latent_dim)
-            layers.append(ConditionalResidualBlock(g, logdet=est, tol=tol, max_iters=max_iters))
+            layers.append(
+                ConditionalResidualBlock(
+                    g,
+                    logdet=est,
+                    tol=tol,
+                    max_iters=max_iters,
+                    grad_in_forward=logdet.grad_in_forward,
+                )
+            )
     encoder = GaussianEncoder(
         tuple(int(s) for s in event_shape),
         latent_dim,

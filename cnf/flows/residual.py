@@ -19,7 +19,6 @@ References:
 
 from __future__ import annotations
 
-from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
@@ -37,6 +36,43 @@ class FixedPointError(RuntimeError):
     """The fixed-point inverse of a residual block did not reach its tolerance."""
 
 
+class _GradInForward(torch.autograd.Function):
+    """The identity on a log-det value whose backward adds gradients taken in the forward pass.
+
+    ``apply(logdet, n_inputs, grads, *targets)``: ``grads[i]`` is
+    ``∂(sum_b logdet_b)/∂targets[i]``. The first ``n_inputs`` targets are
+    per-sample inputs (sample ``b`` of the gradient belongs to ``logdet_b``
+    alone), scaled per sample by ``∂L/∂logdet``; the rest are parameters,
+    shared by every sample, so their stored sum is exact only when
+    ``∂L/∂logdet`` is the same for every sample.
+    """
+
+    @staticmethod
+    def forward(ctx, logdet, n_inputs, grads, *targets):  # noqa: ARG004 - targets link the graph
+        ctx.n_inputs = n_inputs
+        ctx.grads = grads
+        return logdet.clone()
+
+    @staticmethod
+    def backward(ctx, grad_logdet):
+        grads, n = ctx.grads, ctx.n_inputs
+        ctx.grads = None
+        out = [grad_logdet.reshape(-1, *[1] * (g.dim() - 1)) * g for g in grads[:n]]
+        if len(grads) > n:
+            w = grad_logdet[0]
+            scale = float(grad_logdet.abs().max())
+            if not torch.allclose(
+                grad_logdet, w.expand_as(grad_logdet), rtol=1e-6, atol=1e-12 * scale
+            ):
+                raise RuntimeError(
+                    "grad_in_forward needs a loss that weighs every sample's log-det equally "
+                    "(a batch mean or sum); this loss weighs them differently: set "
+                    "model.flow.logdet.grad_in_forward=false"
+                )
+            out.extend(w * g for g in grads[n:])
+        return (None, None, None, *out)
+
+
 class ResidualBlock(Flow):
     """Invertible residual block ``z = x + g(x)`` with ``Lip(g) < 1``.
 
@@ -49,6 +85,12 @@ class ResidualBlock(Flow):
             ``max(1, max|y|)``.
         max_iters: Cap on fixed-point iterations in :meth:`inverse`.
         n_power_iterations: Power iterations per training-mode forward pass.
+        grad_in_forward: Take the log-det's gradient in the forward pass and
+            free its double-backward graph there (Residual Flows'
+            memory-efficient training): activation memory no longer grows with
+            the number of series terms. Needs a loss that weighs every
+            sample's log-det equally (a batch mean or sum); the gradients are
+            those of the plain backward.
 
     Shapes:
         ``x``: ``(B, *event)``; logdet ``(B,)``.
@@ -71,6 +113,7 @@ class ResidualBlock(Flow):
         tol: float = 1e-6,
         max_iters: int = 1000,
         n_power_iterations: int = 1,
+        grad_in_forward: bool = False,
     ):
         super().__init__()
         self.g = g
@@ -78,6 +121,7 @@ class ResidualBlock(Flow):
         self.tol = tol
         self.max_iters = max_iters
         self.n_power_iterations = n_power_iterations
+        self.grad_in_forward = grad_in_forward
 
     def transform(self, x: Tensor, settings: FlowSettings = DEFAULT_SETTINGS) -> FlowOutput:
         z, logdet = self._forward(x, settings.logdet or self.logdet_estimator)
@@ -87,17 +131,14 @@ class ResidualBlock(Flow):
         return self._forward(x, self.logdet_estimator)
 
     def _forward(
-        self,
-        x: Tensor,
-        estimator: LogDetEstimator,
-        g: Callable[[Tensor], Tensor] | None = None,
+        self, x: Tensor, estimator: LogDetEstimator, cond: tuple[Tensor, ...] = ()
     ) -> tuple[Tensor, Tensor]:
         """``(B, *event) -> (B, *event)``, logdet ``(B,)`` by ``estimator``.
 
-        ``g`` replaces ``self.g`` for this call (a conditional block binds its
-        conditioning input, :mod:`cnf.flows.global_latent`). Works under
-        ``torch.no_grad()`` (the VJPs need a local graph, which is built and
-        dropped here) but not under ``torch.inference_mode()``.
+        ``cond`` are extra per-sample inputs of ``g``, called as ``g(x, *cond)``
+        (a conditional block's global latent, :mod:`cnf.flows.global_latent`).
+        Works under ``torch.no_grad()`` (the VJPs need a local graph, which is
+        built and dropped here) but not under ``torch.inference_mode()``.
         """
         if torch.is_inference_mode_enabled():
             raise RuntimeError(
@@ -108,13 +149,42 @@ class ResidualBlock(Flow):
             update_spectral_norm(self.g, self.n_power_iterations)
         grad_enabled = torch.is_grad_enabled()
         with torch.enable_grad():
-            x_in = x if (grad_enabled and x.requires_grad) else x.detach().requires_grad_(True)
-            gx = (self.g if g is None else g)(x_in)
+            # An alias, not x itself: the log-det's VJPs differentiate g in its x argument
+            # only, never through a path from x into ``cond`` (h = encoder(x)).
+            x_in = x.view_as(x) if (grad_enabled and x.requires_grad) else x.detach()
+            if not x_in.requires_grad:
+                x_in.requires_grad_(True)
+            # Aliases again, so that a gradient taken with respect to them here
+            # (grad_in_forward) is the direct one, not also through x's dependence on h.
+            cond = tuple(c.view_as(c) if c.requires_grad else c for c in cond)
+            gx = self.g(x_in, *cond)
             logdet = estimator(gx, x_in, create_graph=grad_enabled)
+            if grad_enabled and self.grad_in_forward:
+                logdet = self._gradient_now(logdet, x_in if x.requires_grad else None, cond)
         z = x_in + gx
         if not grad_enabled:
             z, logdet = z.detach(), logdet.detach()
         return z, logdet
+
+    def _gradient_now(self, logdet: Tensor, x: Tensor | None, cond: tuple[Tensor, ...]) -> Tensor:
+        """The log-det with its gradient taken now and its double-backward graph freed.
+
+        The gradients of ``sum_b logdet_b`` with respect to ``x``, ``cond`` and
+        the parameters of ``g`` are computed here; the returned log-det carries
+        them into the backward pass scaled by ``∂L/∂logdet`` (per sample for the
+        inputs, shared for the parameters), so the graph of the estimator's VJPs
+        never lives until the loss's backward.
+        """
+        inputs = [t for t in cond if t.requires_grad]
+        if x is not None:
+            inputs.insert(0, x)
+        params = [p for p in self.g.parameters() if p.requires_grad]
+        targets = [*inputs, *params]
+        if not targets or not logdet.requires_grad:
+            return logdet
+        grads = torch.autograd.grad(logdet.sum(), targets, retain_graph=True, allow_unused=True)
+        grads = [torch.zeros_like(t) if g is None else g for t, g in zip(targets, grads)]
+        return _GradInForward.apply(logdet.detach(), len(inputs), grads, *targets)
 
     @torch.no_grad()
     def inverse(
@@ -123,11 +193,9 @@ class ResidualBlock(Flow):
         *,
         tol: float | None = None,
         max_iters: int | None = None,
-        g: Callable[[Tensor], Tensor] | None = None,
+        cond: tuple[Tensor, ...] = (),
     ) -> Tensor:
-        """Fixed-point inverse ``x_{k+1} = z - g(x_k)``, ``x_0 = z`` (not differentiable).
-
-        ``g`` replaces ``self.g`` for this call, as in :meth:`_forward`.
+        """Fixed-point inverse ``x_{k+1} = z - g(x_k, *cond)``, ``x_0 = z`` (not differentiable).
 
         Raises:
             FixedPointError: if ``max|x_k + g(x_k) - z|`` is still above the
@@ -135,12 +203,11 @@ class ResidualBlock(Flow):
         """
         tol = self.tol if tol is None else tol
         max_iters = self.max_iters if max_iters is None else max_iters
-        g = self.g if g is None else g
         threshold = tol * max(1.0, float(z.abs().max()))
         x = z
         residual = float("inf")
         for _ in range(max_iters):
-            x_next = z - g(x)
+            x_next = z - self.g(x, *cond)
             # x_next - x = z - (x + g(x)): the forward residual at the current iterate.
             residual = float((x_next - x).abs().max())
             x = x_next
@@ -165,6 +232,8 @@ class LogDetOptions:
             :class:`~cnf.flows.logdet.RouletteLogDet` (``geometric`` only: a
             Poisson number of terms has infinite variance).
         probe: Hutchinson probe, ``gaussian`` or ``rademacher``.
+        grad_in_forward: The blocks take the log-det's gradient in the
+            forward pass (:class:`ResidualBlock`): less memory, same gradients.
     """
 
     name: str = "roulette"
@@ -174,6 +243,7 @@ class LogDetOptions:
     geometric_p: float = 0.5
     probe: str = "gaussian"
     neumann_grad: bool = False
+    grad_in_forward: bool = False
 
     def __post_init__(self) -> None:
         self.build()  # the estimator validates its options (and refuses Poisson roulette)
@@ -269,5 +339,13 @@ def resflow(
             coeff=coeff,
             activation=activation,
         )
-        layers.append(ResidualBlock(g, logdet=est, tol=tol, max_iters=max_iters))
+        layers.append(
+            ResidualBlock(
+                g,
+                logdet=est,
+                tol=tol,
+                max_iters=max_iters,
+                grad_in_forward=logdet.grad_in_forward,
+            )
+        )
     return SequentialFlow(layers)
