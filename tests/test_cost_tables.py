@@ -570,12 +570,20 @@ def _record(sampler: str, grid: str, steps: int, nfe: int, fid: float) -> dict:
     }
 
 
+VP_DDPMPP = "Score SDE VP, DDPM++ (variance weighting)"
+VP_LIK = "VP score SDE, U-Net (likelihood weighting)"
+
+
 def test_shipped_digits_quality_spec_reads_cost_curve_records(tmp_path: Path) -> None:
     runs = tmp_path / "runs"
-    score = {"family": "score", "sde": {"name": "vp"}}
+    score = {"family": "score", "sde": {"name": "vp"}, "weighting": "variance"}
     heun = [_record("heun", "karras", n, 2 * n - 1, 10.0 / n) for n in (5, 10, 25)]
     euler = [_record("euler", "uniform", n, n, 40.0 / n) for n in (10, 20, 50, 100)]
-    _quality_run(runs, "score_vp", score, {"test_bpd": 1.9}, heun + euler)
+    _quality_run(runs, "score_ddpmpp_vp", score, {"test_bpd": 1.9}, heun + euler)
+    # The likelihood-weighted VP run has rows of its own: its records never enter these.
+    lik = {**score, "weighting": "likelihood_is"}
+    lik_records = [_record("heun", "karras", n, 2 * n - 1, 99.0) for n in (5, 10, 25, 50)]
+    _quality_run(runs, "score_vp", lik, {"test_bpd": 2.6}, lik_records)
     flow = {"family": "flow", "flow": {"name": "realnvp"}}
     _quality_run(runs, "realnvp", flow, {"test_bpd": 2.5, "fid": 7.0, "kid": 0.07}, [])
     # A finished INDM run without records is listed as unfinished, not silently missing.
@@ -591,15 +599,16 @@ def test_shipped_digits_quality_spec_reads_cost_curve_records(tmp_path: Path) ->
     assert [m.key for m in spec.metrics] == ["bpd", "fid", "kid"]
     table = build_table(spec, runs)
     for col, n in zip(("10 NFE", "20 NFE", "50 NFE", "100 NFE"), (5, 10, 25, 50)):
-        heun_cell = table.cells[("VP score SDE, Heun (EDM grid)", col, "fid")]
+        heun_cell = table.cells[(f"{VP_DDPMPP}, Heun (EDM grid)", col, "fid")]
         assert heun_cell.mean == (10.0 / n if n < 50 else None)
-        assert table.cells[("VP score SDE, Euler (uniform grid)", col, "fid")].mean == 20.0 / n
+        assert table.cells[(f"{VP_DDPMPP}, Euler (uniform grid)", col, "fid")].mean == 20.0 / n
+        assert table.cells[(f"{VP_LIK}, Heun (EDM grid)", col, "fid")].mean == 99.0
         # A final.json row (one sampling setting) stands in every column.
         assert table.cells[("RealNVP (1 pass)", col, "fid")].mean == 7.0
         assert table.cells[("RealNVP (1 pass)", col, "bpd")].mean == 2.5
         assert table.cells[("held-out test images", col, "fid")].mean == 0.3
     assert any(
-        m.startswith("VP score SDE, Heun (EDM grid) × 100 NFE: no cost-curve record")
+        m.startswith(f"{VP_DDPMPP}, Heun (EDM grid) × 100 NFE: no cost-curve record")
         for m in table.missing
     )
     assert any("Rectified flow" in m and "no run folder" in m for m in table.missing)
@@ -612,7 +621,7 @@ def test_shipped_digits_quality_spec_reads_cost_curve_records(tmp_path: Path) ->
         ["configs/tables/digits_quality.yaml", "--runs-root", str(runs), "--out", str(tmp_path)],
     )
     assert rc == 0, stderr
-    assert "| VP score SDE, Heun (EDM grid) | **1.900** (n=1) | **2.00** (n=1) |" in stdout
+    assert f"| {VP_DDPMPP}, Heun (EDM grid) | **1.900** (n=1) | **2.00** (n=1) |" in stdout
     assert "| RealNVP (1 pass) | 2.500 (n=1) | 7.00 (n=1) | 0.070 (n=1) | 2.500 (n=1) |" in stdout
     assert "DiffFlow (SDE sampler) × 10 NFE: no run folder" in stdout
     assert (tmp_path / "digits_quality.tex").is_file()

@@ -35,8 +35,13 @@ the model's *EDM noise level* — the noise-to-signal ratio of its marginal
   (= ``(1 − t)(x_0 + σ x_1)``): ``σ(t) = t/(1 − t)``, ``t = σ/(1 + σ)``
   (:func:`fm_time_to_sigma`, :func:`sigma_to_fm_time`).
 
-The samplers then step in the model's time ``t`` (the grid only sets the
-spacing; EDM's Heun runs in σ on the rescaled state, which is the same idea).
+On the ``uniform`` grid the samplers step in the model's time ``t``. On the
+``karras`` grid a linear SDE's probability-flow ODE is solved in EDM's
+variables (:func:`sde_sigma_field`): the noise level σ as time and the
+rescaled state ``x̂ = x/m(t)``, where ``dx̂/dσ = −σ ∇ log p(x̂; σ)`` is nearly
+straight (for ε-prediction it is ``ε̂`` itself: Euler there is DDIM) — EDM's
+Algorithm 1 for a model trained under VP, sub-VP or VE. Flow matching's path
+is straight already; it steps in t on both grids.
 
 **In the families.** :func:`sampling_times` builds a model's grid by name
 (``uniform`` | ``karras``); score models and INDM's latent
@@ -89,6 +94,8 @@ __all__ = [
     "route_sampler_keys",
     "sampling_times",
     "sde_sampling_times",
+    "sde_sigma_field",
+    "sde_sigma_grid",
     "sde_time_to_sigma",
     "sigma_to_fm_time",
     "sigma_to_sde_time",
@@ -285,6 +292,40 @@ def sigma_to_fm_time(sigma: Tensor) -> Tensor:
     """Time ``σ/(1 + σ)`` of the straight path at noise level σ (σ = 0 → t = 0, σ → ∞ → t → 1)."""
     sigma = torch.as_tensor(sigma)
     return sigma / (1 + sigma)
+
+
+def sde_sigma_field(
+    score_fn: Callable[[Tensor, Tensor], Tensor], sde: LinearSDE, *, t_min: float
+) -> VelocityField:
+    """A linear SDE's probability-flow ODE in EDM's variables: ``dx̂/dσ`` with ``x = m(t) x̂``.
+
+    With the kernel ``N(m x_0, s² I)`` and ``σ = s/m``, ``x̂ = x/m`` is ``x_0``
+    plus noise of std σ, so ``dx̂/dσ = −σ ∇_x̂ log p(x̂; σ) = −σ m s_θ(t, m x̂)``
+    at ``t = t(σ)`` (:func:`sigma_to_sde_time`, clamped to ``t_min``: the score
+    is never asked below ε). Start at ``x̂ = x_T / m(T)``; at σ = 0, ``m = 1``
+    and ``x̂`` is the sample.
+
+    Args:
+        score_fn: ``(t (B,), x) -> ∇_x log p_t(x)``.
+        sde: The model's linear SDE.
+        t_min: Smallest time the score is evaluated at.
+    """
+
+    def field(sigma: Tensor, x_hat: Tensor) -> Tensor:
+        t = sigma_to_sde_time(sde, sigma).clamp(min=t_min)
+        m = sde.marginal(t)[0].reshape(-1, *[1] * (x_hat.dim() - 1))
+        return -sigma.reshape(m.shape) * m * score_fn(t, m * x_hat)
+
+    return field
+
+
+def sde_sigma_grid(sde: LinearSDE, steps: int, *, eps: float | None = None, like: Tensor) -> Tensor:
+    """The Karras grid ``σ(1) → σ(ε) → 0`` of a linear SDE, in σ (``steps + 1`` points)."""
+    eps = sde.eps if eps is None else eps
+    with torch.no_grad():
+        ends = sde_time_to_sigma(sde, torch.tensor([sde.T, eps], dtype=torch.float64))
+    sigmas = karras_grid(steps, float(ends[1]), float(ends[0]))
+    return sigmas.to(dtype=like.dtype, device=like.device)
 
 
 # ------------------------------------------------ a model's fixed sampling grid

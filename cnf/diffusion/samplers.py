@@ -46,7 +46,13 @@ import torch
 from torch import Tensor, nn
 
 from cnf.diffusion.likelihood import ProbabilityFlow
-from cnf.diffusion.ode_samplers import ODE_SAMPLERS, TIME_GRIDS, sde_sampling_times
+from cnf.diffusion.ode_samplers import (
+    ODE_SAMPLERS,
+    TIME_GRIDS,
+    sde_sampling_times,
+    sde_sigma_field,
+    sde_sigma_grid,
+)
 from cnf.diffusion.score import ScoreFn
 from cnf.diffusion.sde import LinearSDE, expand_as
 from cnf.registry import Registry
@@ -302,9 +308,15 @@ def _probability_flow_fixed_grid(method: str, doc: str) -> Sampler:
         generator: torch.Generator | None = None,
     ) -> tuple[Tensor, dict[str, Any]]:
         eps = sde.eps if options.eps is None else options.eps
-        field = ProbabilityFlow(score_fn, sde, t_min=eps)
-        times = sde_sampling_times(sde, options.grid, options.steps, eps=eps, like=x_T)
-        x, nfe = ODE_SAMPLERS[method](field, x_T, times)
+        if options.grid == "karras":  # EDM: in σ on the rescaled state x̂ = x / m(t)
+            sigmas = sde_sigma_grid(sde, options.steps, eps=eps, like=x_T)
+            m_T = sde.marginal(torch.tensor(sde.T, dtype=torch.float64))[0]
+            field = sde_sigma_field(score_fn, sde, t_min=eps)
+            x, nfe = ODE_SAMPLERS[method](field, x_T / float(m_T), sigmas)
+        else:
+            field = ProbabilityFlow(score_fn, sde, t_min=eps)
+            times = sde_sampling_times(sde, options.grid, options.steps, eps=eps, like=x_T)
+            x, nfe = ODE_SAMPLERS[method](field, x_T, times)
         return x, {"nfe": nfe, "grid": options.grid}
 
     sample.__name__ = sample.__qualname__ = f"probability_flow_{method}"
