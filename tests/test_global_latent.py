@@ -239,3 +239,19 @@ def test_bad_options_are_one_line_errors(options: dict, match: str) -> None:
         build_flow("resflow_global", event_shape=(2,), **options)
     with pytest.raises(ValueError, match="not divisible"):
         build_flow("resflow_global", event_shape=(1, 6, 6), num_scales=3)
+
+
+def test_resflow_memory_benchmark_runs_both_modes_with_the_same_step() -> None:
+    from conftest import run_script
+
+    rc, out, err = run_script(
+        "bench_resflow_memory.py", ["--config", "configs/indm/digits_ddpmpp.yaml", "--batch", "2"]
+    )
+    assert rc == 0, err
+    rows = [line.split("|")[1:-1] for line in out.splitlines() if line.startswith("| ")][1:]
+    assert [r[0].strip() for r in rows] == ["false", "true"]
+    assert rows[0][3] == rows[1][3] and rows[0][4] == rows[1][4]  # loss and gradient norm
+    rc, _, err = run_script("bench_resflow_memory.py", ["--config", "configs/score/vp_digits.yaml"])
+    assert rc == 2 and err.strip() == (
+        "error: configs/score/vp_digits.yaml: model.flow.name is None; valid: resflow, resflow_global"
+    )
