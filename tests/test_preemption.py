@@ -30,7 +30,7 @@ from conftest import PYTHON, REPO, TINY, TOY_CONFIG, run_train, subprocess_env
 
 from cnf.train.checkpoint import load_checkpoint, save_checkpoint
 
-# Small and quick: ~10-20 s of training on one core. Checkpoints every 50
+# Small and quick: 3-20 s of training on one core. Checkpoints every 50
 # iterations, so a signal mostly lands between two periodic checkpoints.
 SETTINGS = (
     *TINY,
@@ -58,6 +58,20 @@ VARIANTS = {
 def _records(run_dir: Path) -> list[dict]:
     lines = (run_dir / "metrics.jsonl").read_text().splitlines()
     return [{k: v for k, v in json.loads(x).items() if k not in TIMING_KEYS} for x in lines]
+
+
+def logged_iteration(metrics: Path) -> int:
+    """The last iteration in a metrics log being written (0 before the first line)."""
+    try:
+        lines = metrics.read_text().splitlines()
+    except OSError:
+        return 0
+    for line in reversed(lines):
+        try:
+            return int(json.loads(line).get("iter", 0))
+        except ValueError:  # a line still being written
+            continue
+    return 0
 
 
 @pytest.fixture(scope="module")
@@ -92,14 +106,15 @@ def test_signal_at_random_moment_then_resume_is_exact(tmp_path, references, sig,
         cmd, cwd=REPO, env=subprocess_env(), stdout=log, stderr=subprocess.STDOUT
     )
     try:
-        # Training has started once the first metrics line exists; then wait a
-        # random further moment (reproducible per signal) and signal.
+        # Signal once the metrics log reaches a random iteration (reproducible per
+        # signal), not after a random number of seconds: 150 iterations take
+        # 2.6 s on one fast core, so a clock could land after training ends.
+        target = random.Random(int(sig)).randrange(10, 125, 5)
         deadline = time.monotonic() + 180
         metrics = run_dir / "metrics.jsonl"
-        while not (metrics.is_file() and metrics.stat().st_size) and proc.poll() is None:
-            assert time.monotonic() < deadline, "training did not start within 180 s"
-            time.sleep(0.05)
-        time.sleep(random.Random(int(sig)).uniform(0.0, 3.0))
+        while logged_iteration(metrics) < target and proc.poll() is None:
+            assert time.monotonic() < deadline, f"training did not reach {target} within 180 s"
+            time.sleep(0.01)
         proc.send_signal(sig)
         rc = proc.wait(timeout=120)
     finally:

@@ -384,7 +384,7 @@ def global_latent_resflow(
             f"image size {shape[1]}x{shape[2]} not divisible by 2**(num_scales - 1) = "
             f"{2 ** (num_scales - 1)}"
         )
-    est = logdet.build()
+    block = logdet.block_options()
     layers: list[Flow] = []
     for scale in range(num_scales):
         if scale:
@@ -402,15 +402,7 @@ def global_latent_resflow(
                 activation=activation,
             )
             g = GlobalShift(net, latent_dim)
-            layers.append(
-                ConditionalResidualBlock(
-                    g,
-                    logdet=est,
-                    tol=tol,
-                    max_iters=max_iters,
-                    grad_in_forward=logdet.grad_in_forward,
-                )
-            )
+            layers.append(ConditionalResidualBlock(g, tol=tol, max_iters=max_iters, **block))
     encoder = GaussianEncoder(
         tuple(int(s) for s in event_shape),
         latent_dim,

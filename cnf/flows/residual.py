@@ -262,6 +262,10 @@ class LogDetOptions:
             )
         return make_logdet_estimator(self.name)
 
+    def block_options(self) -> dict:
+        """Keyword options of :class:`ResidualBlock` these settings give (one estimator, shared)."""
+        return {"logdet": self.build(), "grad_in_forward": self.grad_in_forward}
+
 
 def lipschitz_net(
     shape: tuple[int, ...],
@@ -326,7 +330,7 @@ def resflow(
     shape = tuple(int(s) for s in event_shape)
     if len(shape) not in (1, 3):
         raise ValueError(f"resflow needs event_shape (D,) or (C, H, W), got {shape}")
-    est = logdet.build()
+    block = logdet.block_options()
     layers: list[Flow] = []
     for _ in range(num_blocks):
         if actnorm:
@@ -339,13 +343,5 @@ def resflow(
             coeff=coeff,
             activation=activation,
         )
-        layers.append(
-            ResidualBlock(
-                g,
-                logdet=est,
-                tol=tol,
-                max_iters=max_iters,
-                grad_in_forward=logdet.grad_in_forward,
-            )
-        )
+        layers.append(ResidualBlock(g, tol=tol, max_iters=max_iters, **block))
     return SequentialFlow(layers)
