@@ -319,13 +319,17 @@ def sde_sigma_field(
     return field
 
 
+def _sde_sigma_range(sde: LinearSDE, eps: float) -> tuple[float, float]:
+    """``(σ(ε), σ(T))``: the noise levels of a linear SDE's sampling ends."""
+    with torch.no_grad():
+        ends = sde_time_to_sigma(sde, torch.tensor([eps, sde.T], dtype=torch.float64))
+    return float(ends[0]), float(ends[1])
+
+
 def sde_sigma_grid(sde: LinearSDE, steps: int, *, eps: float | None = None, like: Tensor) -> Tensor:
     """The Karras grid ``σ(1) → σ(ε) → 0`` of a linear SDE, in σ (``steps + 1`` points)."""
-    eps = sde.eps if eps is None else eps
-    with torch.no_grad():
-        ends = sde_time_to_sigma(sde, torch.tensor([sde.T, eps], dtype=torch.float64))
-    sigmas = karras_grid(steps, float(ends[1]), float(ends[0]))
-    return sigmas.to(dtype=like.dtype, device=like.device)
+    sigma_min, sigma_max = _sde_sigma_range(sde, sde.eps if eps is None else eps)
+    return karras_grid(steps, sigma_min, sigma_max).to(dtype=like.dtype, device=like.device)
 
 
 # ------------------------------------------------ a model's fixed sampling grid
@@ -376,15 +380,14 @@ def sde_sampling_times(
 ) -> Tensor:
     """A linear SDE's probability-flow grid: uniform 1 → ε, or Karras σ(1) → σ(ε) → 0 (in t)."""
     eps = sde.eps if eps is None else eps
-    with torch.no_grad():
-        ends = sde_time_to_sigma(sde, torch.tensor([sde.T, eps], dtype=torch.float64))
+    sigma_min, sigma_max = _sde_sigma_range(sde, eps)
     return sampling_times(
         grid,
         steps,
         t_start=sde.T,
         t_end=eps,
-        sigma_min=float(ends[1]),
-        sigma_max=float(ends[0]),
+        sigma_min=sigma_min,
+        sigma_max=sigma_max,
         sigma_to_time=lambda sigma: sigma_to_sde_time(sde, sigma),
         dtype=like.dtype,
         device=like.device,

@@ -151,9 +151,10 @@ class ResidualBlock(Flow):
         with torch.enable_grad():
             # An alias, not x itself: the log-det's VJPs differentiate g in its x argument
             # only, never through a path from x into ``cond`` (h = encoder(x)).
-            x_in = x.view_as(x) if (grad_enabled and x.requires_grad) else x.detach()
-            if not x_in.requires_grad:
-                x_in.requires_grad_(True)
+            if grad_enabled and x.requires_grad:
+                x_in = x.view_as(x)
+            else:
+                x_in = x.detach().requires_grad_(True)
             # Aliases again, so that a gradient taken with respect to them here
             # (grad_in_forward) is the direct one, not also through x's dependence on h.
             cond = tuple(c.view_as(c) if c.requires_grad else c for c in cond)
