@@ -359,12 +359,19 @@ class SamplerSchema:
     corrector_steps: int = 1  # pc: Langevin steps per time step
     sde_method: str = "euler"  # sdeint: torchsde method
     grid: str = "karras"  # euler / heun: karras (EDM, rho = 7) | uniform
+    # karras: noise-level range (EDM's), clamped to the SDE's; starts at x = sigma_max z
+    sigma_min: float = 0.002
+    sigma_max: float = 80.0
 
     def __post_init__(self) -> None:
         _check("SCORE_SAMPLERS", "name", self.name)
         _check("TIME_GRIDS", "grid", self.grid)
         _check("SDE_METHODS", "sde_method", self.sde_method)
-        _positive(steps=self.steps, snr=self.snr)
+        _positive(steps=self.steps, snr=self.snr, sigma_min=self.sigma_min)
+        if self.sigma_max <= self.sigma_min:
+            raise ValueError(
+                f"sigma_max: must exceed sigma_min ({self.sigma_min}), got {self.sigma_max}"
+            )
         _non_negative(corrector_steps=self.corrector_steps)
 
 

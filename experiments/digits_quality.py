@@ -14,7 +14,9 @@ subprocess of the project's own CLIs (one process at a time):
    is at ``--iters`` is skipped; a partial one resumes from its checkpoint.
 2. ``cost_curve.py`` on every ODE/SDE run with the sampler grid of the table:
    Heun on the EDM (Karras, ρ = 7) grid at 5, 10, 25, 50 steps (9, 19, 49, 99
-   NFE) and Euler on the uniform grid at 10, 20, 50, 100 steps; DiffFlow's SDE
+   NFE) and Euler on the uniform grid at 10, 20, 50, 100 steps; for the score
+   models and INDM also Heun with the grid's σ_max at the data's diameter
+   (``sigma_max=9``, :data:`DIGITS_DIAMETER`) beside EDM's 80; DiffFlow's SDE
    at 5, 10, 25, 50 steps (2 evaluations a step). FD/KID of ``--fid-samples``
    samples per setting with the offline digits features, one sample grid per
    setting, the FD-vs-NFE and bits/dim-vs-NFE panels. Its output folder is
@@ -44,12 +46,20 @@ FOLDER = "digits_quality"  # the spec's rows read <runs-root>/digits_quality/*
 
 # name -> (training config, cost-curve grid or None for a one-pass flow)
 FEW_STEP = "sampler=heun:grid=karras:steps=5,10,25,50;sampler=euler:grid=uniform:steps=10,20,50,100"
+# Score models (and INDM's latent score) start EDM's sampler at x̂ = σ_max z. Besides
+# EDM's σ_max = 80 (the default), Heun on the Karras grid up to the data's diameter:
+# DIGITS_DIAMETER, the largest distance between two training digits in [-1, 1] (9.04;
+# INDM's latents of the trained run: 9.39), Song & Ermon's (2020) rule for σ_max.
+DIGITS_DIAMETER = 9.0
+SCORE_FEW_STEP = (
+    f"sampler=heun:grid=karras:sigma_max={DIGITS_DIAMETER:g}:steps=5,10,25,50;" + FEW_STEP
+)
 RUNS: dict[str, tuple[str, str | None]] = {
-    "score_vp": ("configs/score/vp_digits.yaml", FEW_STEP),
-    "score_ddpmpp_vp": ("configs/score/digits_ddpmpp_vp.yaml", FEW_STEP),
+    "score_vp": ("configs/score/vp_digits.yaml", SCORE_FEW_STEP),
+    "score_ddpmpp_vp": ("configs/score/digits_ddpmpp_vp.yaml", SCORE_FEW_STEP),
     "otcfm": ("configs/fm/otcfm_digits.yaml", FEW_STEP),
     "rectified": ("configs/fm/rectified_digits.yaml", FEW_STEP),
-    "indm": ("configs/indm/digits.yaml", FEW_STEP),
+    "indm": ("configs/indm/digits.yaml", SCORE_FEW_STEP),
     "diffflow": ("configs/diffflow/digits.yaml", "steps=5,10,25,50"),
     "realnvp": ("configs/flows/realnvp_digits.yaml", None),
     "glow": ("configs/flows/glow_digits.yaml", None),

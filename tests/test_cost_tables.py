@@ -554,11 +554,15 @@ def _quality_run(root: Path, name: str, model: dict, final: dict, records: list[
     return d
 
 
-def _record(sampler: str, grid: str, steps: int, nfe: int, fid: float) -> dict:
+def _record(
+    sampler: str, grid: str, steps: int, nfe: int, fid: float, sigma_max: float | None = None
+) -> dict:
     setting = {"sampler": sampler, "grid": grid, "steps": steps}
+    if sigma_max is not None:
+        setting["sigma_max"] = sigma_max
     return {
         "setting": setting,
-        "settings": {**setting, "solver.name": "dopri5"},
+        "settings": {"sigma_max": 80.0, **setting, "solver.name": "dopri5"},
         "label": describe_setting(setting),
         "bpd": 1.9,
         "fid": fid,
@@ -579,7 +583,9 @@ def test_shipped_digits_quality_spec_reads_cost_curve_records(tmp_path: Path) ->
     score = {"family": "score", "sde": {"name": "vp"}, "weighting": "variance"}
     heun = [_record("heun", "karras", n, 2 * n - 1, 10.0 / n) for n in (5, 10, 25)]
     euler = [_record("euler", "uniform", n, n, 40.0 / n) for n in (10, 20, 50, 100)]
-    _quality_run(runs, "score_ddpmpp_vp", score, {"test_bpd": 1.9}, heun + euler)
+    # Heun with the grid's sigma_max at the data's diameter: rows of their own.
+    narrow = [_record("heun", "karras", n, 2 * n - 1, 1.0 / n, sigma_max=9) for n in (5, 10)]
+    _quality_run(runs, "score_ddpmpp_vp", score, {"test_bpd": 1.9}, heun + euler + narrow)
     # The likelihood-weighted VP run has rows of its own: its records never enter these.
     lik = {**score, "weighting": "likelihood_is"}
     lik_records = [_record("heun", "karras", n, 2 * n - 1, 99.0) for n in (5, 10, 25, 50)]
@@ -599,16 +605,18 @@ def test_shipped_digits_quality_spec_reads_cost_curve_records(tmp_path: Path) ->
     assert [m.key for m in spec.metrics] == ["bpd", "fid", "kid"]
     table = build_table(spec, runs)
     for col, n in zip(("10 NFE", "20 NFE", "50 NFE", "100 NFE"), (5, 10, 25, 50)):
-        heun_cell = table.cells[(f"{VP_DDPMPP}, Heun (EDM grid)", col, "fid")]
+        heun_cell = table.cells[(f"{VP_DDPMPP}, Heun (EDM grid, σ_max 80)", col, "fid")]
         assert heun_cell.mean == (10.0 / n if n < 50 else None)
+        narrow_cell = table.cells[(f"{VP_DDPMPP}, Heun (EDM grid, σ_max 9)", col, "fid")]
+        assert narrow_cell.mean == (1.0 / n if n < 25 else None)
         assert table.cells[(f"{VP_DDPMPP}, Euler (uniform grid)", col, "fid")].mean == 20.0 / n
-        assert table.cells[(f"{VP_LIK}, Heun (EDM grid)", col, "fid")].mean == 99.0
+        assert table.cells[(f"{VP_LIK}, Heun (EDM grid, σ_max 80)", col, "fid")].mean == 99.0
         # A final.json row (one sampling setting) stands in every column.
         assert table.cells[("RealNVP (1 pass)", col, "fid")].mean == 7.0
         assert table.cells[("RealNVP (1 pass)", col, "bpd")].mean == 2.5
         assert table.cells[("held-out test images", col, "fid")].mean == 0.3
     assert any(
-        m.startswith(f"{VP_DDPMPP}, Heun (EDM grid) × 100 NFE: no cost-curve record")
+        m.startswith(f"{VP_DDPMPP}, Heun (EDM grid, σ_max 80) × 100 NFE: no cost-curve record")
         for m in table.missing
     )
     assert any("Rectified flow" in m and "no run folder" in m for m in table.missing)
@@ -621,7 +629,8 @@ def test_shipped_digits_quality_spec_reads_cost_curve_records(tmp_path: Path) ->
         ["configs/tables/digits_quality.yaml", "--runs-root", str(runs), "--out", str(tmp_path)],
     )
     assert rc == 0, stderr
-    assert f"| {VP_DDPMPP}, Heun (EDM grid) | **1.900** (n=1) | **2.00** (n=1) |" in stdout
+    assert f"| {VP_DDPMPP}, Heun (EDM grid, σ_max 80) | **1.900** (n=1) | 2.00 (n=1) |" in stdout
+    assert f"| {VP_DDPMPP}, Heun (EDM grid, σ_max 9) | **1.900** (n=1) | **0.20** (n=1) |" in stdout
     assert "| RealNVP (1 pass) | 2.500 (n=1) | 7.00 (n=1) | 0.070 (n=1) | 2.500 (n=1) |" in stdout
     assert "DiffFlow (SDE sampler) × 10 NFE: no run folder" in stdout
     assert (tmp_path / "digits_quality.tex").is_file()

@@ -586,7 +586,9 @@ def test_heun_karras_converges_at_second_order_on_gaussian_data() -> None:
     sde, score, x1, exact = gaussian_vp_case()
 
     def err(fn, steps: int, grid: str) -> float:
-        x, info = fn(score, sde, x1, SamplerOptions(steps=steps, grid=grid))
+        # The Karras grid over the SDE's whole range [σ(ε), σ(1)], so it starts at x(1) exactly.
+        wide = {"sigma_min": 1e-12, "sigma_max": float("inf")}
+        x, info = fn(score, sde, x1, SamplerOptions(steps=steps, grid=grid, **wide))
         assert info["nfe"] == (2 * steps - 1 if fn is probability_flow_heun else steps)
         return float((x - exact).abs().max())
 
@@ -624,14 +626,66 @@ def test_karras_grid_steps_in_edm_variables_euler_is_ddim(sde_name: str) -> None
     x_T = torch.randn(8, 3, dtype=F64, generator=torch.Generator().manual_seed(2))
     x, info = probability_flow_euler(score, sde, x_T, SamplerOptions(steps=6, grid="karras"))
     ends = sde_time_to_sigma(sde, torch.tensor([sde.T, sde.eps], dtype=F64))
-    sigmas = karras_grid(6, float(ends[1]), float(ends[0]))
-    x_hat = x_T / sde.marginal(torch.tensor(sde.T, dtype=F64))[0]
+    # EDM's range [0.002, 80] clamped to the SDE's [σ(ε), σ(1)]; the start is σ_0 z, z the
+    # prior's standard noise (VP: σ(1) ≈ 152 > 80; VE: σ(1) = 50, the prior itself).
+    sigmas = karras_grid(6, max(0.002, float(ends[1])), min(80.0, float(ends[0])))
+    x_hat = sigmas[0] * x_T / sde.marginal(torch.tensor(sde.T, dtype=F64))[1]
+    if sde_name == "ve":
+        torch.testing.assert_close(x_hat, x_T, rtol=1e-14, atol=0.0)
     for i in range(6):
         t = sigma_to_sde_time(sde, sigmas[i]).clamp(min=sde.eps).expand(8)
         m = sde.marginal(t)[0][:, None]
         x_hat = x_hat + (sigmas[i + 1] - sigmas[i]) * eps_hat(t, m * x_hat)
     assert info["nfe"] == 6
     torch.testing.assert_close(x, x_hat, rtol=1e-10, atol=1e-10)
+
+
+@pytest.mark.parametrize(
+    "sde", [VPSDE(eps=1e-5), VESDE(sigma_min=0.01, sigma_max=50.0)], ids=["vp", "ve"]
+)
+def test_karras_range_is_clamped_to_the_model(sde) -> None:
+    from cnf.diffusion.ode_samplers import sde_sigma_grid
+
+    like = torch.zeros(1, dtype=F64)
+    lo, hi = (float(v) for v in sde_time_to_sigma(sde, torch.tensor([sde.eps, 1.0], dtype=F64)))
+    for sigma_min, sigma_max in [(0.002, 80.0), (1e-6, 1e6), (0.05, 9.0)]:
+        grid = sde_sigma_grid(sde, 5, sigma_min=sigma_min, sigma_max=sigma_max, like=like)
+        want = karras_grid(5, max(sigma_min, lo), min(sigma_max, hi))
+        torch.testing.assert_close(grid, want, rtol=1e-14, atol=0.0)
+    # A range wider than the model's is the model's own grid [σ(ε), σ(1)].
+    torch.testing.assert_close(
+        sde_sigma_grid(sde, 7, sigma_min=1e-9, sigma_max=1e9, like=like),
+        karras_grid(7, lo, hi),
+        rtol=1e-14,
+        atol=0.0,
+    )
+    with pytest.raises(ValueError, match="leave nothing of the model's noise range"):
+        sde_sigma_grid(sde, 5, sigma_min=2 * hi, sigma_max=4 * hi, like=like)
+    with pytest.raises(ValueError, match="sigma_min < sigma_max"):
+        sde_sigma_grid(sde, 5, sigma_min=9.0, sigma_max=9.0, like=like)
+
+
+@pytest.mark.parametrize("family", ["score", "fm"])
+def test_sigma_max_is_a_sampling_setting(family: str) -> None:
+    from conftest import build_family
+
+    if family == "fm":
+        model = build_family("fm", {"hidden_dims": [8]}, (3,)).to(F64)
+    else:
+        model = build_family(family, {"net": {"name": "mlp", "hidden_dims": [8]}}, (3,)).to(F64)
+
+    def draw(**kw):
+        gen = torch.Generator().manual_seed(5)
+        return model.sample(
+            4, {"sampler": "heun", "grid": "karras", "steps": 4, **kw}, generator=gen
+        )[0]
+
+    base, narrow = draw(), draw(sigma_max=2.0)
+    assert draw().equal(base)  # seeded
+    assert not torch.allclose(base, narrow)  # the interior points moved
+    assert "sigma_max" in type(model.settings).SAMPLING_ONLY  # evaluate()'s numbers are reused
+    with pytest.raises(ValueError, match="sigma_min < sigma_max"):
+        model.with_settings(sigma_min=3.0, sigma_max=2.0)
 
 
 def test_flow_matching_heun_on_gaussian_data() -> None:
@@ -839,3 +893,19 @@ def test_digits_features_cli(digits_cache: Path) -> None:
     res = last_json(out)
     assert res["trained"] is False and res["test_accuracy"] >= 0.97
     print(f"\n{err.strip().splitlines()[-1]}")
+
+
+def test_digits_quality_sigma_max_is_the_training_digits_diameter() -> None:
+    # The quality table's data-scaled Karras range ends at the largest distance between
+    # two training digits in the model's [-1, 1] scale (pixel centres (v + ½)/17).
+    from conftest import load_experiment_module
+
+    from cnf.data.images import load_digits_images
+
+    module = load_experiment_module("digits_quality")
+    train = torch.as_tensor(load_digits_images().train, dtype=F64).flatten(1)
+    x = (train + 0.5) / 17 * 2 - 1
+    diameter = float(torch.cdist(x, x).max())
+    assert diameter == pytest.approx(9.036, abs=1e-3)
+    assert module.DIGITS_DIAMETER == pytest.approx(diameter, abs=0.05)
+    assert f"sigma_max={module.DIGITS_DIAMETER:g}" in module.RUNS["score_vp"][1]

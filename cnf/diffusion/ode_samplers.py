@@ -45,10 +45,13 @@ is straight already; it steps in t on both grids.
 
 **In the families.** :func:`sampling_times` builds a model's grid by name
 (``uniform`` | ``karras``); score models and INDM's latent
-(:data:`cnf.diffusion.samplers.SCORE_SAMPLERS` ``euler``/``heun``, Karras
-grid over ``[σ(ε), σ(1)]``) and flow matching (``sampler=euler|heun``, Karras
-grid over EDM's ``[0.002, 80]`` with the first point moved to t = 1) select
-them with the flat keys ``sampler``, ``steps`` and ``grid``, routed by
+(:data:`cnf.diffusion.samplers.SCORE_SAMPLERS` ``euler``/``heun``) and flow
+matching (``sampler=euler|heun``) step the Karras grid over EDM's
+``[0.002, 80]`` (the keys ``sigma_min``, ``sigma_max``), clamped to the
+model's ``[σ(ε), σ(1)]``; a score model starts at ``x̂ = σ_max z`` as in EDM
+(:func:`sde_sigma_start`), flow matching at its prior t = 1 with the first
+point moved there (:func:`sampling_times`). The flat keys ``sampler``,
+``steps``, ``grid``, ``sigma_min`` and ``sigma_max`` select them, routed by
 :func:`route_sampler_keys` (docs/methods.md §4.4, §7).
 
 Example:
@@ -91,11 +94,13 @@ __all__ = [
     "fm_time_to_sigma",
     "heun",
     "karras_grid",
+    "karras_range",
     "route_sampler_keys",
     "sampling_times",
     "sde_sampling_times",
     "sde_sigma_field",
     "sde_sigma_grid",
+    "sde_sigma_start",
     "sde_time_to_sigma",
     "sigma_to_fm_time",
     "sigma_to_sde_time",
@@ -319,6 +324,10 @@ def sde_sigma_field(
     return field
 
 
+EDM_SIGMA_MIN, EDM_SIGMA_MAX = 0.002, 80.0
+"""EDM's noise-level range (Karras et al. 2022, §5): the Karras grid's default range in every family."""
+
+
 def _sde_sigma_range(sde: LinearSDE, eps: float) -> tuple[float, float]:
     """``(σ(ε), σ(T))``: the noise levels of a linear SDE's sampling ends."""
     with torch.no_grad():
@@ -326,17 +335,62 @@ def _sde_sigma_range(sde: LinearSDE, eps: float) -> tuple[float, float]:
     return float(ends[0]), float(ends[1])
 
 
-def sde_sigma_grid(sde: LinearSDE, steps: int, *, eps: float | None = None, like: Tensor) -> Tensor:
-    """The Karras grid ``σ(1) → σ(ε) → 0`` of a linear SDE, in σ (``steps + 1`` points)."""
-    sigma_min, sigma_max = _sde_sigma_range(sde, sde.eps if eps is None else eps)
-    return karras_grid(steps, sigma_min, sigma_max).to(dtype=like.dtype, device=like.device)
+def karras_range(
+    sigma_min: float, sigma_max: float, model_min: float, model_max: float
+) -> tuple[float, float]:
+    """The Karras grid's range: ``[sigma_min, sigma_max]`` clamped to the model's ``[model_min, model_max]``.
+
+    As EDM's sampler does for a network trained on a narrower range (its
+    ``max(σ_min, net.σ_min)``, ``min(σ_max, net.σ_max)``).
+
+    Raises:
+        ValueError: ``sigma_min >= sigma_max``, or a clamped range that is empty.
+    """
+    if not 0 < sigma_min < sigma_max:
+        raise ValueError(f"need 0 < sigma_min < sigma_max, got {sigma_min}, {sigma_max}")
+    lo, hi = max(sigma_min, model_min), min(sigma_max, model_max)
+    if not lo < hi:
+        raise ValueError(
+            f"sigma_min={sigma_min}, sigma_max={sigma_max} leave nothing of the model's noise "
+            f"range [{model_min:.4g}, {model_max:.4g}]"
+        )
+    return lo, hi
+
+
+def sde_sigma_grid(
+    sde: LinearSDE,
+    steps: int,
+    *,
+    eps: float | None = None,
+    sigma_min: float = EDM_SIGMA_MIN,
+    sigma_max: float = EDM_SIGMA_MAX,
+    like: Tensor,
+) -> Tensor:
+    """A linear SDE's Karras grid in σ (``steps + 1`` points): EDM's sampler grid.
+
+    The Karras points over :func:`karras_range` of ``[sigma_min, sigma_max]``
+    and the model's ``[σ(ε), σ(T)]``, then 0. Below σ(T) the sampler starts,
+    as EDM's does, at ``x̂ = grid[0] · z`` with the prior's standard noise z
+    (:func:`sde_sigma_start`): at that noise level the data is a point.
+    """
+    model_min, model_max = _sde_sigma_range(sde, sde.eps if eps is None else eps)
+    lo, hi = karras_range(sigma_min, sigma_max, model_min, model_max)
+    return karras_grid(steps, lo, hi).to(dtype=like.dtype, device=like.device)
+
+
+def sde_sigma_start(sde: LinearSDE, x_T: Tensor, sigma_start: float) -> Tensor:
+    """The EDM state ``x̂`` at noise level ``sigma_start`` ≤ σ(T) from the prior's draw ``x_T``.
+
+    ``x̂ = σ_start · x_T / s(T)``: the prior's standard noise scaled to
+    ``sigma_start``, EDM's ``σ_max · z`` (the data's own spread and mean are
+    dropped, as there). At ``sigma_start = σ(T)`` it is ``x_T / m(T)``
+    exactly, the prior itself in EDM's variables.
+    """
+    std_T = float(sde.marginal(torch.tensor(sde.T, dtype=torch.float64))[1])
+    return x_T * (sigma_start / std_T)
 
 
 # ------------------------------------------------ a model's fixed sampling grid
-EDM_SIGMA_MIN, EDM_SIGMA_MAX = 0.002, 80.0
-"""EDM's noise-level range (Karras et al. 2022, §5): the Karras grid of flow matching."""
-
-
 def sampling_times(
     grid: str,
     steps: int,
@@ -376,11 +430,25 @@ def sampling_times(
 
 
 def sde_sampling_times(
-    sde: LinearSDE, grid: str, steps: int, *, eps: float | None = None, like: Tensor
+    sde: LinearSDE,
+    grid: str,
+    steps: int,
+    *,
+    eps: float | None = None,
+    sigma_min: float = EDM_SIGMA_MIN,
+    sigma_max: float = EDM_SIGMA_MAX,
+    like: Tensor,
 ) -> Tensor:
-    """A linear SDE's probability-flow grid: uniform 1 → ε, or Karras σ(1) → σ(ε) → 0 (in t)."""
+    """A linear SDE's probability-flow grid in t: uniform 1 → ε, or the Karras points in t.
+
+    The Karras points are :func:`sde_sigma_grid`'s mapped to t, with the first
+    moved to T (:func:`sampling_times`) — a grid in t for a sampler that steps
+    in t from the prior; the SDE samplers' ``karras`` grid steps in σ instead.
+    """
     eps = sde.eps if eps is None else eps
-    sigma_min, sigma_max = _sde_sigma_range(sde, eps)
+    model_min, model_max = _sde_sigma_range(sde, eps)
+    if grid == "karras":
+        sigma_min, sigma_max = karras_range(sigma_min, sigma_max, model_min, model_max)
     return sampling_times(
         grid,
         steps,
@@ -394,15 +462,24 @@ def sde_sampling_times(
     )
 
 
-def fm_sampling_times(grid: str, steps: int, *, like: Tensor) -> Tensor:
-    """Flow matching's grid from t = 1 to 0: uniform, or Karras over EDM's [0.002, 80], first point t = 1."""
+def fm_sampling_times(
+    grid: str,
+    steps: int,
+    *,
+    sigma_min: float = EDM_SIGMA_MIN,
+    sigma_max: float = EDM_SIGMA_MAX,
+    like: Tensor,
+) -> Tensor:
+    """Flow matching's grid from t = 1 to 0: uniform, or Karras over ``[sigma_min, sigma_max]``, first point t = 1."""
+    if grid == "karras":
+        karras_range(sigma_min, sigma_max, 0.0, math.inf)
     return sampling_times(
         grid,
         steps,
         t_start=1.0,
         t_end=0.0,
-        sigma_min=EDM_SIGMA_MIN,
-        sigma_max=EDM_SIGMA_MAX,
+        sigma_min=sigma_min,
+        sigma_max=sigma_max,
         sigma_to_time=sigma_to_fm_time,
         dtype=like.dtype,
         device=like.device,

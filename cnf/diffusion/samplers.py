@@ -38,6 +38,7 @@ References:
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
@@ -47,11 +48,15 @@ from torch import Tensor, nn
 
 from cnf.diffusion.likelihood import ProbabilityFlow
 from cnf.diffusion.ode_samplers import (
+    EDM_SIGMA_MAX,
+    EDM_SIGMA_MIN,
     ODE_SAMPLERS,
     TIME_GRIDS,
+    karras_range,
     sde_sampling_times,
     sde_sigma_field,
     sde_sigma_grid,
+    sde_sigma_start,
 )
 from cnf.diffusion.score import ScoreFn
 from cnf.diffusion.sde import LinearSDE, expand_as
@@ -87,6 +92,10 @@ class SamplerOptions:
         steps: Time steps of the SDE samplers (``em``, ``pc``, ``sdeint``) and
             of the fixed-grid ODE samplers (``euler``, ``heun``).
         grid: Time grid of ``euler`` and ``heun``: ``karras`` | ``uniform``.
+        sigma_min, sigma_max: Noise-level range of the ``karras`` grid, clamped
+            to the SDE's ``[σ(ε), σ(1)]`` (default EDM's ``[0.002, 80]``); below
+            σ(1) the sampler starts at ``σ_max z``, as EDM's does
+            (:func:`~cnf.diffusion.ode_samplers.sde_sigma_start`).
         solver: ODE solver of the ``ode`` sampler (fixed-step methods carry their steps).
         snr, corrector_steps: Langevin corrector of ``pc``.
         sde_method: torchsde method of ``sdeint``.
@@ -100,9 +109,12 @@ class SamplerOptions:
     sde_method: str = "euler"
     eps: float | None = None
     grid: str = "karras"
+    sigma_min: float = EDM_SIGMA_MIN
+    sigma_max: float = EDM_SIGMA_MAX
 
     def __post_init__(self) -> None:
         TIME_GRIDS.check(self.grid, key="grid")
+        karras_range(self.sigma_min, self.sigma_max, 0.0, math.inf)  # checks 0 < min < max
         if self.steps < 1:
             raise ValueError(f"steps must be >= 1, got {self.steps}")
         if self.snr <= 0 or self.corrector_steps < 0:
@@ -309,10 +321,17 @@ def _probability_flow_fixed_grid(method: str, doc: str) -> Sampler:
     ) -> tuple[Tensor, dict[str, Any]]:
         eps = sde.eps if options.eps is None else options.eps
         if options.grid == "karras":  # EDM: in σ on the rescaled state x̂ = x / m(t)
-            sigmas = sde_sigma_grid(sde, options.steps, eps=eps, like=x_T)
-            m_T = sde.marginal(torch.tensor(sde.T, dtype=torch.float64))[0]
+            sigmas = sde_sigma_grid(
+                sde,
+                options.steps,
+                eps=eps,
+                sigma_min=options.sigma_min,
+                sigma_max=options.sigma_max,
+                like=x_T,
+            )
             field = sde_sigma_field(score_fn, sde, t_min=eps)
-            x, nfe = ODE_SAMPLERS[method](field, x_T / float(m_T), sigmas)
+            x_hat = sde_sigma_start(sde, x_T, float(sigmas[0]))
+            x, nfe = ODE_SAMPLERS[method](field, x_hat, sigmas)
         else:
             field = ProbabilityFlow(score_fn, sde, t_min=eps)
             times = sde_sampling_times(sde, options.grid, options.steps, eps=eps, like=x_T)

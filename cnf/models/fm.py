@@ -36,6 +36,7 @@ References:
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
@@ -67,18 +68,23 @@ class FlowMatchingSettings(ODESettings):
         steps: Steps of ``euler`` / ``heun`` (a bare ``steps`` key under
             ``ode`` sets ``solver.steps``).
         grid: Their time grid: ``karras`` | ``uniform``.
+        sigma_min, sigma_max: Noise-level range of the ``karras`` grid
+            (EDM's 0.002 and 80 by default); its first point is t = 1.
     """
 
-    SAMPLING_ONLY = frozenset({"sampler", "steps", "grid"})
+    SAMPLING_ONLY = frozenset({"sampler", "steps", "grid", "sigma_min", "sigma_max"})
 
     sampler: str = ode_samplers.SOLVER_SAMPLER
     steps: int = 10
     grid: str = "karras"
+    sigma_min: float = ode_samplers.EDM_SIGMA_MIN
+    sigma_max: float = ode_samplers.EDM_SIGMA_MAX
 
     def __post_init__(self) -> None:
         if self.sampler != ode_samplers.SOLVER_SAMPLER:
             ode_samplers.ODE_SAMPLERS.check(self.sampler, key="sampler")
         ode_samplers.TIME_GRIDS.check(self.grid, key="grid")
+        ode_samplers.karras_range(self.sigma_min, self.sigma_max, 0.0, math.inf)
         if self.steps < 1:
             raise ValueError(f"steps must be >= 1, got {self.steps}")
 
@@ -270,7 +276,9 @@ class FlowMatchingModel(ChainModel):
         z = self.base.sample(
             (n, self.dim), generator=generator, dtype=self.dtype, device=self.device
         )
-        times = ode_samplers.fm_sampling_times(s.grid, s.steps, like=z)
+        times = ode_samplers.fm_sampling_times(
+            s.grid, s.steps, sigma_min=s.sigma_min, sigma_max=s.sigma_max, like=z
+        )
         y, nfe = ode_samplers.ODE_SAMPLERS[s.sampler](self.field, z, times)
         return SampleOutput(self.to_data_space(y), {"nfe": nfe})
 

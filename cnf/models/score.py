@@ -37,7 +37,14 @@ from torch import Tensor
 
 from cnf.diffusion.likelihood import CORRECTIONS, probability_flow_nll
 from cnf.diffusion.nets import IMAGE_NETS, SCORE_NETS, ScoreNetwork
-from cnf.diffusion.ode_samplers import TIME_GRIDS, few_step_settings, route_sampler_keys
+from cnf.diffusion.ode_samplers import (
+    EDM_SIGMA_MAX,
+    EDM_SIGMA_MIN,
+    TIME_GRIDS,
+    few_step_settings,
+    karras_range,
+    route_sampler_keys,
+)
 from cnf.diffusion.samplers import SCORE_SAMPLERS, SDE_METHODS, SamplerOptions
 from cnf.diffusion.score import decoder_constant, dsm_loss, nelbo, prior_kl
 from cnf.diffusion.sde import SDES, LinearSDE
@@ -67,6 +74,9 @@ class ScoreSettings:
         steps: Steps of the SDE samplers (``em``, ``pc``, ``sdeint``) and of
             the few-step ODE samplers (``euler``, ``heun``).
         grid: Time grid of ``euler`` and ``heun``: ``karras`` (EDM, ρ = 7) | ``uniform``.
+        sigma_min, sigma_max: Noise-level range of the ``karras`` grid (EDM's
+            0.002 and 80 by default), clamped to the SDE's; below σ(1) the
+            sampler starts at ``σ_max z``, as EDM's does.
         snr, corrector_steps: The ``pc`` sampler's Langevin corrector.
         sde_method: The ``sdeint`` sampler's torchsde method.
         nelbo_samples: Time samples per point of the NELBO (0: no NELBO).
@@ -75,7 +85,18 @@ class ScoreSettings:
 
     ALIASES = {"method": ("solver.name",)}
     # Fields that change samples only, never evaluate()'s numbers (cnf.cost reuses evaluations).
-    SAMPLING_ONLY = frozenset({"sampler", "steps", "grid", "snr", "corrector_steps", "sde_method"})
+    SAMPLING_ONLY = frozenset(
+        {
+            "sampler",
+            "steps",
+            "grid",
+            "sigma_min",
+            "sigma_max",
+            "snr",
+            "corrector_steps",
+            "sde_method",
+        }
+    )
 
     solver: SolverConfig = field(default_factory=SolverConfig)
     divergence: DivergenceConfig = field(default_factory=lambda: DivergenceConfig("exact"))
@@ -87,10 +108,13 @@ class ScoreSettings:
     nelbo_samples: int = 8
     correction: str = "truncate"
     grid: str = "karras"
+    sigma_min: float = EDM_SIGMA_MIN
+    sigma_max: float = EDM_SIGMA_MAX
 
     def __post_init__(self) -> None:
         SCORE_SAMPLERS.check(self.sampler, key="sampler")
         TIME_GRIDS.check(self.grid, key="grid")
+        karras_range(self.sigma_min, self.sigma_max, 0.0, math.inf)  # checks 0 < min < max
         SDE_METHODS.check(self.sde_method, key="sde_method")
         CORRECTIONS.check(self.correction, key="correction")
         if self.nelbo_samples < 0:
@@ -108,6 +132,8 @@ class ScoreSettings:
             corrector_steps=self.corrector_steps,
             sde_method=self.sde_method,
             grid=self.grid,
+            sigma_min=self.sigma_min,
+            sigma_max=self.sigma_max,
         )
 
 
@@ -310,7 +336,7 @@ def build_score_network(
 def score_settings(cfg: ScoreSchema, eval_cfg: Any) -> ScoreSettings:
     """The default settings of a score (or INDM) model from its config and ``eval:`` section."""
     # model.sampler.{steps, snr, ...} are the settings of the same names.
-    options = ("steps", "snr", "corrector_steps", "sde_method", "grid")
+    options = ("steps", "snr", "corrector_steps", "sde_method", "grid", "sigma_min", "sigma_max")
     return ScoreSettings(
         solver=eval_cfg.solver.build(),
         divergence=eval_cfg.divergence.build(),
