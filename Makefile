@@ -1,4 +1,4 @@
-# Quickstart:  make demo   (train the default FFJORD toy model)
+# Quickstart:  make demo   (train FFJORD + RNODE on 8gaussians for 60 training seconds)
 #              make test   (run the test suite)
 # Both create the virtual environment in .venv first.
 PYTHON ?= python3
@@ -23,7 +23,7 @@ $(STAMP): setup.cfg pyproject.toml Makefile
 	touch $(STAMP)
 
 demo: venv
-	$(PY) experiments/train.py --config configs/ffjord/toy.yaml run.dir=runs/demo_ffjord_8gaussians $(ARGS)
+	$(PY) experiments/train.py --config configs/ffjord/toy_budget.yaml run.dir=runs/demo_ffjord_8gaussians $(ARGS)
 
 test: venv
 	$(PY) -m pytest -q -m "not slurm and not paper" tests $(ARGS)

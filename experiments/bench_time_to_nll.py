@@ -1,6 +1,6 @@
 """Time to quality: test NLL and paired gap to the floor after 30, 60, 120 and 300 s of training.
 
-    OMP_NUM_THREADS=1 python experiments/bench_time_to_nll.py                 # all 96 runs
+    OMP_NUM_THREADS=1 python experiments/bench_time_to_nll.py                 # all 120 runs
     OMP_NUM_THREADS=1 python experiments/bench_time_to_nll.py --data 8gaussians --budgets 30,60 --jobs 2
     python experiments/bench_time_to_nll.py --report                          # print only
 
@@ -44,6 +44,7 @@ SWEEP = REPO / "configs" / "sweeps" / "time_to_nll.yaml"
 NAMES = {
     "ffjord-toy_plain": "FFJORD",
     "ffjord-toy": "FFJORD + RNODE",
+    "ffjord-toy_budget": "FFJORD budget",
     "fm-otcfm_toy": "OT-CFM",
     "flows-nsf_toy": "NSF (zuko)",
 }

@@ -221,7 +221,10 @@ def _cost(nfe: float | None) -> str:
 
 
 def format_final(final: dict) -> str:
-    lines = [f"trained {final['iterations']} iterations in {final['train_seconds']:.1f} s"]
+    line = f"trained {final['iterations']} iterations in {final['train_seconds']:.1f} s"
+    if final.get("budget_seconds"):
+        line += f" (budget {final['budget_seconds']:g} s)"
+    lines = [line]
     if "test_nll" in final:
         s = f"test NLL {final['test_nll']:.4f} ± {final['test_nll_stderr']:.4f} nats ({_cost(final.get('test_nfe'))})"
         if "floor" in final:

@@ -31,9 +31,9 @@ runs_root: {tmp_path / "runs"}
     return path
 
 
-def test_the_shipped_sweep_is_four_models_two_densities_four_budgets_three_seeds() -> None:
+def test_the_shipped_sweep_is_five_models_two_densities_four_budgets_three_seeds() -> None:
     runs = plan(load_sweep(bench.SWEEP))
-    assert len(runs) == 4 * 2 * 4 * 3
+    assert len(runs) == 5 * 2 * 4 * 3
     assert [base_label(r.base) for r in runs[::24]] == list(bench.NAMES)
     assert {float(r.axis_values["train.budget_seconds"]) for r in runs} == {
         30.0,
@@ -48,6 +48,13 @@ def test_the_shipped_sweep_is_four_models_two_densities_four_budgets_three_seeds
     assert {(r.config["model"]["kinetic"], r.config["model"]["jacobian"]) for r in plain} == {
         (0, 0)
     }
+    # The budget recipe (make demo): the default config with Adam 2e-2 and rk4 with 8 steps.
+    recipe = [r for r in runs if base_label(r.base) == "ffjord-toy_budget"]
+    assert len(recipe) == 2 * 4 * 3
+    for r in recipe:
+        m, t = r.config["model"], r.config["train"]
+        assert (m["solver"]["name"], m["solver"]["steps"], t["lr"]) == ("rk4", 8, 2e-2)
+        assert (m["kinetic"], m["jacobian"], t["schedule"]) == (0.01, 0.01, "cosine")
 
 
 def test_filters_pick_exactly_the_asked_runs(tmp_path: Path) -> None:
