@@ -695,6 +695,8 @@ class SweepSchema:
     # The training config, relative to this file or the repository, or a list of them.
     base: Any = MISSING_STR
     overrides: dict[str, Any] = field(default_factory=dict)  # fixed dotted overrides
+    # base as listed -> its own fixed overrides, after ``overrides``
+    base_overrides: dict[str, Any] = field(default_factory=dict)
     axes: dict[str, Any] = field(default_factory=dict)  # dotted key -> list of values
     zip: list[list[str]] = field(default_factory=list)  # axes that vary together
     runs_root: str = "runs/sweeps"

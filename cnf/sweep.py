@@ -23,8 +23,16 @@ The runs are then every base × the axes' product, each folder name starting
 with its base's label (``<folder>-<stem>``, or ``<folder>`` for a template)::
 
     base: [../ffjord/{data.name}.yaml, ../flows/glow_tabular.yaml]
-    axes: {data.name: [power, gas], seed: [0]}     # 2 bases x 2 sets = 4 runs Every
-run gets a deterministic folder named by a readable digest of its axis values
+    axes: {data.name: [power, gas], seed: [0]}     # 2 bases x 2 sets = 4 runs
+
+``base_overrides`` gives one listed base more fixed overrides, applied after
+``overrides`` (so they may change one of them for that base alone; not an
+axis), keyed by the base as the file lists it::
+
+    base_overrides:
+      ../score/vp_digits.yaml: {eval.divergence.num_probes: 16}
+
+Every run gets a deterministic folder named by a readable digest of its axis values
 (``data.name-checkerboard__model.jacobian-0.01__model.kinetic-0.01_s0``), so a
 relaunched sweep finds its runs again: finished ones are skipped, partial ones
 resume from their checkpoints.
@@ -86,6 +94,8 @@ class Sweep:
     runs_root: Path
     slurm: dict[str, Any] = field(default_factory=dict)  # validated by slurm/launch.py
     bases: tuple[str, ...] = ()  # absolute base templates, when the file lists several
+    # absolute base template -> its own fixed overrides (``base_overrides``)
+    base_overrides: dict[str, dict[str, Any]] = field(default_factory=dict)
 
     @property
     def folder(self) -> Path:
@@ -189,6 +199,21 @@ def load_sweep(
             raise SweepError(f"{where}: zip group axes must have equal lengths ({shown})")
         groups.append(tuple(group))
     bases = _find_bases(spec.base, axes, path, search, where)
+    listed = spec.base if isinstance(spec.base, list) else [spec.base]
+    per_base: dict[str, dict[str, Any]] = {}
+    for written, extra in spec.base_overrides.items():
+        if written not in listed:
+            raise SweepError(
+                f"{where}: base_overrides: '{written}' is not a listed base; "
+                f"valid: {', '.join(map(str, listed))}"
+            )
+        if not isinstance(extra, Mapping):
+            raise SweepError(f"{where}: base_overrides.{written} must map dotted keys to values")
+        checked = {_check_key(k, f"{where}: base_overrides.{written}"): v for k, v in extra.items()}
+        for key in checked:
+            if key in axes:
+                raise SweepError(f"{where}: '{key}' is both a base override and an axis")
+        per_base[bases[listed.index(written)]] = checked
     return Sweep(
         name=spec.name,
         path=path,
@@ -199,6 +224,7 @@ def load_sweep(
         zip=tuple(groups),
         runs_root=Path(runs_root if runs_root is not None else spec.runs_root),
         slurm=dict(spec.slurm),
+        base_overrides=per_base,
     )
 
 
@@ -350,7 +376,8 @@ def run_name(axis_values: Mapping[str, Any], seed: int, *, prefix: str = "") -> 
 def plan(sweep: Sweep, *, absolute: bool = True) -> list[Run]:
     """Expand the sweep and resolve every run's config (validating keys and values).
 
-    Every run gets the overrides ``track.group=<sweep name>`` and
+    A run's overrides are the fixed ones, its base's ``base_overrides``, its
+    axis values and the tracking ones. Every run gets the overrides ``track.group=<sweep name>`` and
     ``track.tags=[<base tags>, key=value, ...]`` so W&B groups and filters them.
 
     Raises:
@@ -363,8 +390,11 @@ def plan(sweep: Sweep, *, absolute: bool = True) -> list[Run]:
     fixed = [f"{k}={format_value(v)}" for k, v in sweep.overrides.items()]
     runs: list[Run] = []
     tags_of: dict[Path, list[str]] = {}
+    common = fixed
     for template in sweep.bases or (str(sweep.base),):
         label = base_label(template) if sweep.bases else ""
+        extra = sweep.base_overrides.get(template, {})
+        fixed = [*common, *(f"{k}={format_value(v)}" for k, v in extra.items())]
         for values in expand(sweep):
             base = fill_base(template, values)
             if base not in tags_of:

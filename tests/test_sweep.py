@@ -173,7 +173,42 @@ MALFORMED = {
     "run.dir axis": (GOOD + "overrides: {run.dir: /tmp/x}\n", "run.dir"),
     "bad yaml": ("name: [unclosed\n", "not valid YAML"),
     "bad name": (GOOD.replace("name: t", "name: a/b"), "name"),
+    "base override of an unlisted base": (
+        GOOD + "base_overrides: {other.yaml: {train.iters: 3}}\n",
+        "'other.yaml' is not a listed base",
+    ),
+    "base override on an axis": (
+        GOOD + "base_overrides: {@BASE@: {seed: 3}}\n",
+        "'seed' is both a base override and an axis",
+    ),
+    "base override not a mapping": (
+        GOOD + "base_overrides: {@BASE@: 3}\n",
+        "must map dotted keys to values",
+    ),
 }
+
+
+def test_base_overrides_apply_to_their_base_only_and_after_the_fixed_ones(tmp_path):
+    realnvp = REPO / "configs" / "flows" / "realnvp_toy.yaml"
+    text = f"""
+name: t
+base: [{BASE}, {realnvp}]
+overrides: {{train.iters: 7, eval.batch_size: 50}}
+base_overrides:
+  {realnvp}: {{train.iters: 9}}
+axes: {{seed: [0, 1]}}
+"""
+    runs = plan(load_checked(write_sweep(tmp_path, text))[0])
+    iters = {(Path(r.base).name, r.seed): r.config["train"]["iters"] for r in runs}
+    assert iters == {
+        ("toy.yaml", 0): 7,
+        ("toy.yaml", 1): 7,
+        ("realnvp_toy.yaml", 0): 9,
+        ("realnvp_toy.yaml", 1): 9,
+    }
+    # The fixed overrides still reach the base with its own, and the override is on the command.
+    assert {r.config["eval"]["batch_size"] for r in runs} == {50}
+    assert all(("train.iters=9" in r.overrides) == r.base.name.startswith("realnvp") for r in runs)
 
 
 @pytest.mark.parametrize("case", sorted(MALFORMED))

@@ -135,7 +135,10 @@ def probability_flow_nll(
         generator: For the ``perturb`` noise.
 
     Returns:
-        ``(nll (B,), stats)`` with ``stats = {"nfe": forward NFE, "z": x(1)}``.
+        ``(nll (B,), stats)`` with ``stats = {"nfe": forward NFE, "z": x(1)}``
+        and, for a ``per_probe`` Hutchinson estimator with ``K`` probes,
+        ``stats["nll_probes"]`` ``(B, K)``: the NLL once per probe (``nll`` is
+        their mean).
     """
     CORRECTIONS.check(correction)
     eps = sde.eps if eps is None else eps
@@ -151,7 +154,10 @@ def probability_flow_nll(
     logp, out = flow_log_prob(
         flow, sde.prior, x_eps, FlowSettings(solver=solver, divergence=divergence)
     )
-    return -logp + offset, {"nfe": out.stats.nfe_forward, "z": out.z}
+    stats: dict[str, Any] = {"nfe": out.stats.nfe_forward, "z": out.z}
+    if out.logdet_probes is not None:
+        stats["nll_probes"] = offset - (logp - out.logdet)[:, None] - out.logdet_probes
+    return -logp + offset, stats
 
 
 def probability_flow_cnf(score_fn: Any, sde: LinearSDE, *, eps: float | None = None) -> CNF:

@@ -198,17 +198,21 @@ class INDM(GenerativeModel):
         estimator, exact = s.logdet.estimator(self.flow, self.dim)
         z, logdet = self.encode(x, FlowSettings(logdet=estimator))
         zf = z.reshape(z.shape[0], self.latent.dim)
-        nll, bound, stats = self.latent.latent_terms(zf, s.latent())
+        latent = self.latent.latent_terms(zf, s.latent())
         stats = {
-            **stats,
+            **latent.stats,
             "flow_logdet": float(logdet.mean()),
             "flow_logdet_exact": 1.0 if exact else 0.0,
         }
+        # The per-probe NLLs carry the latent ODE's probe noise alone: only
+        # when the flow's log-det is exact is that all of the estimator's noise.
+        probes = latent.nll_probes if exact and latent.nll_probes is not None else None
         return EvalOutput(
-            nll=nll - logdet,
-            nelbo=None if bound is None else bound - logdet,
+            nll=latent.nll - logdet,
+            nelbo=None if latent.nelbo is None else latent.nelbo - logdet,
             stats=stats,
             nll_is_bound=is_variational(self.flow),
+            nll_probes=None if probes is None else probes - logdet[:, None],
         )
 
     # ------------------------------------------------------------- sampling

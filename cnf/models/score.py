@@ -208,16 +208,19 @@ class ScoreModel(GenerativeModel):
         return LossOutput(loss, stats)
 
     # ------------------------------------------------------------- evaluation
-    def latent_terms(
-        self, y: Tensor, settings: ScoreSettings
-    ) -> tuple[Tensor, Tensor | None, dict[str, float]]:
-        """Probability-flow NLL and SDE NELBO of model-space points ``y`` ``(B, D)``, in nats of ``y``."""
+    def latent_terms(self, y: Tensor, settings: ScoreSettings) -> EvalOutput:
+        """Probability-flow NLL and SDE NELBO of model-space points ``y`` ``(B, D)``, in nats of ``y``.
+
+        With a Hutchinson trace the NLL comes once per probe as well
+        (``nll_probes``, ``(B, K)``), so the estimator's standard error can be
+        reported apart from the test set's.
+        """
         nll, info = probability_flow_nll(
             self.score,
             self.sde,
             y,
             solver=settings.solver,
-            divergence=settings.divergence.build(self.dim),
+            divergence=settings.divergence.build(self.dim, per_probe=True),
             correction=settings.correction,
         )
         bound = None
@@ -230,14 +233,19 @@ class ScoreModel(GenerativeModel):
                 importance=self.nelbo_importance,
                 chunk=y.shape[0],
             )
-        return nll, bound, {"nfe": float(info["nfe"])}
+        return EvalOutput(
+            nll=nll, nelbo=bound, stats={"nfe": float(info["nfe"])}, nll_probes=info.get("nll_probes")
+        )
 
     def _evaluate(self, x: Tensor, s: ScoreSettings) -> EvalOutput:
         """Probability-flow NLL and SDE NELBO per sample, in nats of ``x``."""
         y, logdet = self.to_model(x)
-        nll, bound, stats = self.latent_terms(y, s)
+        out = self.latent_terms(y, s)
         return EvalOutput(
-            nll=nll - logdet, nelbo=None if bound is None else bound - logdet, stats=stats
+            nll=out.nll - logdet,
+            nelbo=None if out.nelbo is None else out.nelbo - logdet,
+            stats=out.stats,
+            nll_probes=None if out.nll_probes is None else out.nll_probes - logdet[:, None],
         )
 
     # ------------------------------------------------------------- sampling
