@@ -30,7 +30,7 @@ with its base's label (``<folder>-<stem>``, or ``<folder>`` for a template)::
 axis), keyed by the base as the file lists it::
 
     base_overrides:
-      ../score/vp_digits.yaml: {eval.divergence.num_probes: 16}
+      ../score/vp_digits.yaml: {eval.divergence.name: hutchinson}
 
 Every run gets a deterministic folder named by a readable digest of its axis values
 (``data.name-checkerboard__model.jacobian-0.01__model.kinetic-0.01_s0``), so a
@@ -387,14 +387,14 @@ def plan(sweep: Sweep, *, absolute: bool = True) -> list[Run]:
     from cnf.config import ConfigError, load_config, to_dict
 
     root = sweep.folder.absolute() if absolute else sweep.folder
-    fixed = [f"{k}={format_value(v)}" for k, v in sweep.overrides.items()]
     runs: list[Run] = []
     tags_of: dict[Path, list[str]] = {}
-    common = fixed
     for template in sweep.bases or (str(sweep.base),):
         label = base_label(template) if sweep.bases else ""
-        extra = sweep.base_overrides.get(template, {})
-        fixed = [*common, *(f"{k}={format_value(v)}" for k, v in extra.items())]
+        # The sweep's fixed overrides, then this base's own (``base_overrides``), in order:
+        # a base override of a mapping merges into the fixed one, not replaces it.
+        given = [*sweep.overrides.items(), *sweep.base_overrides.get(template, {}).items()]
+        fixed = [f"{k}={format_value(v)}" for k, v in given]
         for values in expand(sweep):
             base = fill_base(template, values)
             if base not in tags_of:

@@ -53,7 +53,7 @@ from torch import Tensor, nn
 
 from cnf.diffusion.sde import LinearSDE, expand_as
 from cnf.divergence import DivergenceEstimator, ExactDivergence
-from cnf.flows.base import FlowSettings, flow_log_prob
+from cnf.flows.base import FlowSettings, flow_log_prob, flow_log_prob_probes
 from cnf.flows.cnf import CNF
 from cnf.registry import Registry
 from cnf.solve import SolverConfig
@@ -155,8 +155,9 @@ def probability_flow_nll(
         flow, sde.prior, x_eps, FlowSettings(solver=solver, divergence=divergence)
     )
     stats: dict[str, Any] = {"nfe": out.stats.nfe_forward, "z": out.z}
-    if out.logdet_probes is not None:
-        stats["nll_probes"] = offset - (logp - out.logdet)[:, None] - out.logdet_probes
+    probes = flow_log_prob_probes(logp, out)
+    if probes is not None:
+        stats["nll_probes"] = offset - probes
     return -logp + offset, stats
 
 

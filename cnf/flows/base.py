@@ -41,6 +41,7 @@ __all__ = [
     "Reshape",
     "SequentialFlow",
     "flow_log_prob",
+    "flow_log_prob_probes",
     "flow_sample",
     "standard_normal_logprob",
     "sum_except_batch",
@@ -281,6 +282,17 @@ def flow_log_prob(
     """
     out = chain_transform(_flows(flow), x, settings)
     return base.log_prob(out.z) + out.logdet, out
+
+
+def flow_log_prob_probes(logp: Tensor, out: FlowOutput) -> Tensor | None:
+    """``log p(x)`` once per Hutchinson probe ``(B, K)`` from :func:`flow_log_prob`'s result.
+
+    The same ``z`` and base density, one log-determinant per probe (their
+    mean gives ``logp``); None when the call kept no probes apart.
+    """
+    if out.logdet_probes is None:
+        return None
+    return (logp - out.logdet)[:, None] + out.logdet_probes
 
 
 def flow_sample(

@@ -19,7 +19,7 @@ from __future__ import annotations
 
 from collections.abc import Callable, Iterator, Mapping
 from contextlib import contextmanager
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any, ClassVar, NamedTuple
 
 import torch
@@ -83,6 +83,20 @@ class EvalOutput:
     stats: dict[str, float] = field(default_factory=dict)
     nll_probes: Tensor | None = None
     nll_is_bound: bool = False
+
+    def minus_logdet(self, logdet: Tensor) -> EvalOutput:
+        """The same evaluation seen through a bijection with ``log|det|`` ``logdet`` ``(B,)``.
+
+        Every per-sample NLL term (``nll``, ``nelbo``, ``nll_probes``) loses
+        ``logdet``: the change of variables from the model's space to the data's.
+        """
+
+        def shift(v: Tensor | None) -> Tensor | None:
+            return None if v is None else v - (logdet if v.dim() == 1 else logdet[:, None])
+
+        return replace(
+            self, nll=shift(self.nll), nelbo=shift(self.nelbo), nll_probes=shift(self.nll_probes)
+        )
 
 
 class SampleOutput(NamedTuple):

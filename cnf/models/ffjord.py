@@ -57,6 +57,7 @@ from cnf.flows.base import (
     Flow,
     FlowSettings,
     SequentialFlow,
+    flow_log_prob_probes,
 )
 from cnf.flows.cnf import CNF
 from cnf.flows.multiscale import multiscale_cnf
@@ -174,11 +175,12 @@ class FFJORD(ChainModel):
 
     def _evaluate(self, x: Tensor, s: ODESettings) -> EvalOutput:
         logp, out = self.chain_log_prob(x, s.flow_settings(self.dim, per_probe=True))
-        nll_probes = None
-        if out.logdet_probes is not None:
-            # The same z and base density, one log-determinant per probe.
-            nll_probes = -(logp - out.logdet)[:, None] - out.logdet_probes
-        return EvalOutput(nll=-logp, stats={"nfe": out.stats.nfe_forward}, nll_probes=nll_probes)
+        probes = flow_log_prob_probes(logp, out)
+        return EvalOutput(
+            nll=-logp,
+            stats={"nfe": out.stats.nfe_forward},
+            nll_probes=None if probes is None else -probes,
+        )
 
     def _sample(self, n: int, s: ODESettings, generator: torch.Generator | None) -> SampleOutput:
         x, stats = self.chain_sample(n, FlowSettings(solver=s.solver), generator=generator)

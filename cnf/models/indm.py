@@ -52,7 +52,7 @@ References:
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field, fields
+from dataclasses import dataclass, field, fields, replace
 from typing import Any
 
 import torch
@@ -199,20 +199,17 @@ class INDM(GenerativeModel):
         z, logdet = self.encode(x, FlowSettings(logdet=estimator))
         zf = z.reshape(z.shape[0], self.latent.dim)
         latent = self.latent.latent_terms(zf, s.latent())
+        if not exact:
+            # The per-probe NLLs carry the latent ODE's probe noise alone: only
+            # when the flow's log-det is exact is that all of the estimator's noise.
+            latent = replace(latent, nll_probes=None)
         stats = {
             **latent.stats,
             "flow_logdet": float(logdet.mean()),
             "flow_logdet_exact": 1.0 if exact else 0.0,
         }
-        # The per-probe NLLs carry the latent ODE's probe noise alone: only
-        # when the flow's log-det is exact is that all of the estimator's noise.
-        probes = latent.nll_probes if exact and latent.nll_probes is not None else None
-        return EvalOutput(
-            nll=latent.nll - logdet,
-            nelbo=None if latent.nelbo is None else latent.nelbo - logdet,
-            stats=stats,
-            nll_is_bound=is_variational(self.flow),
-            nll_probes=None if probes is None else probes - logdet[:, None],
+        return replace(
+            latent.minus_logdet(logdet), stats=stats, nll_is_bound=is_variational(self.flow)
         )
 
     # ------------------------------------------------------------- sampling

@@ -234,19 +234,16 @@ class ScoreModel(GenerativeModel):
                 chunk=y.shape[0],
             )
         return EvalOutput(
-            nll=nll, nelbo=bound, stats={"nfe": float(info["nfe"])}, nll_probes=info.get("nll_probes")
+            nll=nll,
+            nelbo=bound,
+            stats={"nfe": float(info["nfe"])},
+            nll_probes=info.get("nll_probes"),
         )
 
     def _evaluate(self, x: Tensor, s: ScoreSettings) -> EvalOutput:
         """Probability-flow NLL and SDE NELBO per sample, in nats of ``x``."""
         y, logdet = self.to_model(x)
-        out = self.latent_terms(y, s)
-        return EvalOutput(
-            nll=out.nll - logdet,
-            nelbo=None if out.nelbo is None else out.nelbo - logdet,
-            stats=out.stats,
-            nll_probes=None if out.nll_probes is None else out.nll_probes - logdet[:, None],
-        )
+        return self.latent_terms(y, s).minus_logdet(logdet)
 
     # ------------------------------------------------------------- sampling
     def sample_latent(
