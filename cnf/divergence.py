@@ -7,13 +7,17 @@ evolves as ``d log p(z(t))/dt = −tr(A)`` (Chen et al. 2018). Two estimators:
   **one** batched vector–Jacobian product (``is_grads_batched``: autograd's
   vmap over the D basis vectors), not a Python loop of D backward passes.
 * :class:`HutchinsonDivergence` — ``tr(A) = E[εᵀAε]`` with ``E[εεᵀ] = I``
-  (Hutchinson 1989; FFJORD, Grathwohl et al. 2019). ``εᵀA`` is a single VJP.
+  (Hutchinson 1989; FFJORD, Grathwohl et al. 2019). ``εᵀA`` is a single VJP;
+  a field that propagates tangents (``forward_with_jvp``: the library's MLP and
+  convolutional fields) gives ``Aε`` in forward mode instead — the same
+  ``εᵀAε``, with no double-backward graph to train through.
   Gaussian probes have variance ``2‖S‖_F²``, Rademacher probes
   ``2(‖S‖_F² − Σ A_ii²)`` with ``S = (A + Aᵀ)/2`` — never larger.
 
 Both also return the squared Frobenius norm needed by RNODE's Jacobian
 regulariser (Finlay et al. 2020): exactly ``‖A‖_F²`` for the exact estimator,
-and the unbiased ``‖εᵀA‖²`` for Hutchinson — the same VJP as the trace.
+and the unbiased ``‖εᵀA‖²`` (``‖Aε‖²`` in forward mode) for Hutchinson — the
+same product as the trace.
 
 The probe is drawn **once per solve** by :meth:`DivergenceEstimator.draw_probe`
 and passed back in on every function evaluation of that solve (the adjoint
@@ -103,7 +107,7 @@ class DivergenceEstimator:
             ``(f, div, frob)`` with shapes ``(B, *event)``, ``(B,)`` and
             ``(B,)`` or None.
         """
-        fast = self._forward_mode(field, t, z, frobenius=frobenius)
+        fast = self._forward_mode(field, t, z, probe, frobenius=frobenius)
         if fast is not None:
             return fast
         create_graph = torch.is_grad_enabled()
@@ -121,7 +125,7 @@ class DivergenceEstimator:
         return f, div, frob
 
     def _forward_mode(
-        self, field: Field, t: Tensor, z: Tensor, *, frobenius: bool
+        self, field: Field, t: Tensor, z: Tensor, probe: Tensor | None, *, frobenius: bool
     ) -> tuple[Tensor, Tensor, Tensor | None] | None:
         """``(f, div, frob)`` without autograd when the estimator and field allow it, else None."""
         return None
@@ -142,7 +146,7 @@ class ExactDivergence(DivergenceEstimator):
     name = "exact"
 
     def _forward_mode(
-        self, field: Field, t: Tensor, z: Tensor, *, frobenius: bool
+        self, field: Field, t: Tensor, z: Tensor, probe: Tensor | None, *, frobenius: bool
     ) -> tuple[Tensor, Tensor, Tensor | None] | None:
         # Fields that can propagate their Jacobian forward give the exact trace
         # without any autograd.grad call: cheaper in low dimension, and the
@@ -254,6 +258,32 @@ class HutchinsonDivergence(DivergenceEstimator):
             generator=self.generator,
         )
 
+    def _forward_mode(
+        self, field: Field, t: Tensor, z: Tensor, probe: Tensor | None, *, frobenius: bool
+    ) -> tuple[Tensor, Tensor, Tensor | None] | None:
+        # A field with ``forward_with_jvp`` (TimeMLP, TimeConvNet) carries the
+        # probes forward as tangents: ``εᵀ(Aε)`` is the same number as ``(εᵀA)ε``,
+        # without an autograd.grad call, and training back-propagates through an
+        # ordinary graph instead of a double-backward one (cheaper per
+        # evaluation, e.g. for FFJORD's convolutional fields).
+        jvp_fn = getattr(field, "forward_with_jvp", None)
+        if jvp_fn is None or probe is None:
+            return None
+        f, jvp = jvp_fn(t, z, probe)
+        return (f, *self._reduce(jvp, probe, frobenius=frobenius))
+
+    def _reduce(
+        self, products: Tensor, probe: Tensor, *, frobenius: bool
+    ) -> tuple[Tensor, Tensor | None]:
+        """``(div, frob)`` from the ``K`` products ``εᵀA`` (or ``Aε``) of the probes ``ε``."""
+        k, batch = probe.shape[0], probe.shape[1]
+        products = products.reshape(k, batch, -1)
+        per_probe = (products * probe.reshape(k, batch, -1)).sum(dim=2)  # (K, B)
+        div = per_probe.T if self.per_probe else per_probe.mean(dim=0)
+        # ‖εᵀA‖² and ‖Aε‖² are both unbiased for ‖A‖_F² (E[εεᵀ] = I).
+        frob = products.pow(2).sum(dim=2).mean(dim=0) if frobenius else None
+        return div, frob
+
     def __call__(
         self,
         f: Tensor,
@@ -272,12 +302,7 @@ class HutchinsonDivergence(DivergenceEstimator):
             (vjp,) = torch.autograd.grad(
                 f, z, grad_outputs=probe, create_graph=create_graph, is_grads_batched=True
             )
-        k, batch = probe.shape[0], probe.shape[1]
-        vjp = vjp.reshape(k, batch, -1)
-        per_probe = (vjp * probe.reshape(k, batch, -1)).sum(dim=2)  # (K, B)
-        div = per_probe.T if self.per_probe else per_probe.mean(dim=0)
-        frob = vjp.pow(2).sum(dim=2).mean(dim=0) if frobenius else None
-        return div, frob
+        return self._reduce(vjp, probe, frobenius=frobenius)
 
 
 DIVERGENCES: Registry[type[DivergenceEstimator]] = Registry(

@@ -207,6 +207,21 @@ def _activation_tangent(act: nn.Module, a: Tensor, y: Tensor, da: Tensor) -> Ten
     return d * da
 
 
+def _apply_layers_with_tangents(
+    layers: nn.ModuleList, acts: nn.ModuleList, tt: Tensor, x: Tensor, dx: Tensor
+) -> tuple[Tensor, Tensor]:
+    """:func:`_apply_layers` carrying tangents ``dx`` along (forward mode): ``(y, (∂y/∂x) dx)``."""
+    h, dh = x, dx
+    for i, layer in enumerate(layers):
+        h_new, dh = layer.forward_tangent(tt, h, dh)
+        if i < len(acts):
+            a = h_new
+            h_new = acts[i](a)
+            dh = _activation_tangent(acts[i], a, h_new, dh)
+        h = h_new
+    return h, dh
+
+
 def _apply_layers(layers: nn.ModuleList, acts: nn.ModuleList, tt: Tensor, x: Tensor) -> Tensor:
     """``layer_K(… act_1(layer_1(tt, x)))``: every layer sees the time features, no activation last."""
     h = x
@@ -318,25 +333,33 @@ class TimeMLP(nn.Module):
             ``J[i, b, j] = ∂y_j/∂x_i`` at sample ``b``.
         """
         d = x.shape[1]
-        h = x
-        tt = self.time_features(t, x)
         # Tangents of the input: the identity, one column per input coordinate.
         # Shape (D, 1, D): until the first activation the tangents are the same
         # for every sample, so they broadcast over the batch for free.
-        dh = torch.eye(d, dtype=x.dtype, device=x.device).unsqueeze(1)
-        for i, layer in enumerate(self.layers):
-            h_new, dh = layer.forward_tangent(tt, h, dh)
-            if i < len(self.acts):
-                a = h_new
-                h_new = self.acts[i](a)
-                dh = _activation_tangent(self.acts[i], a, h_new, dh)
-            h = h_new
+        eye = torch.eye(d, dtype=x.dtype, device=x.device).unsqueeze(1)
+        h, dh = _apply_layers_with_tangents(
+            self.layers, self.acts, self.time_features(t, x), x, eye
+        )
         return h, dh.expand(d, x.shape[0], dh.shape[-1])
+
+    def forward_with_jvp(self, t: Tensor | float, x: Tensor, v: Tensor) -> tuple[Tensor, Tensor]:
+        """Output and Jacobian–vector products ``(∂f/∂x) v_k`` of ``K`` tangents ``v`` ``(K, B, D)``.
+
+        Forward mode, as :meth:`forward_with_jacobian` with ``v`` for the
+        identity: Hutchinson's ``εᵀ(∂f/∂x)ε`` without an ``autograd.grad`` call
+        (:class:`cnf.divergence.HutchinsonDivergence`).
+        """
+        return _apply_layers_with_tangents(self.layers, self.acts, self.time_features(t, x), x, v)
 
 
 # ------------------------------------------------------------ convolutional layers
 class TimeConv2d(nn.Module):
     """Base class of the convolutional time layers: ``forward(tt, x)`` on ``(B, C, H, W)``.
+
+    ``forward_tangent(tt, x, dx)`` returns the output and the layer's Jacobian
+    applied to tangents ``dx`` of shape ``(K, B, C, H, W)`` (every layer is
+    affine in ``x``), as :class:`TimeLayer` does for vectors;
+    :meth:`TimeConvNet.forward_with_jvp` uses it.
 
     The convolutional counterparts of :data:`LAYERS` (FFJORD's image
     networks): 3×3 kernels, stride 1, padding 1, so the spatial size is kept.
@@ -363,6 +386,12 @@ def _conv3x3(in_channels: int, out_channels: int) -> nn.Conv2d:
     return nn.Conv2d(in_channels, out_channels, kernel_size=3, stride=1, padding=1)
 
 
+def _conv_tangent(dx: Tensor, weight: Tensor) -> Tensor:
+    """The linear part ``W * dx`` of a 3×3 layer on tangents ``(K, B, C, H, W)``: one batched convolution."""
+    out = F.conv2d(dx.flatten(0, 1), weight, padding=1)
+    return out.unflatten(0, dx.shape[:2])
+
+
 def _per_channel(v: Tensor) -> Tensor:
     """``(1 or B, C) -> (1 or B, C, 1, 1)``: one value per channel, broadcast over the pixels."""
     return v[:, :, None, None]
@@ -373,6 +402,9 @@ class IgnoreConv2d(TimeConv2d):
 
     def forward(self, tt: Tensor, x: Tensor) -> Tensor:
         return self.conv(x)
+
+    def forward_tangent(self, tt: Tensor, x: Tensor, dx: Tensor) -> tuple[Tensor, Tensor]:
+        return self.conv(x), _conv_tangent(dx, self.conv.weight)
 
 
 class ConcatConv2d(TimeConv2d):
@@ -396,6 +428,9 @@ class ConcatConv2d(TimeConv2d):
         plane = _per_channel(tt).expand(tt.shape[0], k, *x.shape[2:])
         return out + F.conv2d(plane, w[:, :k], padding=1)
 
+    def forward_tangent(self, tt: Tensor, x: Tensor, dx: Tensor) -> tuple[Tensor, Tensor]:
+        return self.forward(tt, x), _conv_tangent(dx, self.conv.weight[:, self.time_dim :])
+
 
 class SquashConv2d(TimeConv2d):
     """``h' = (W * h + b) ⊙ σ(W_g t + b_g)`` (a time gate per output channel)."""
@@ -407,6 +442,10 @@ class SquashConv2d(TimeConv2d):
     def forward(self, tt: Tensor, x: Tensor) -> Tensor:
         return self.conv(x) * _per_channel(torch.sigmoid(self.gate(tt)))
 
+    def forward_tangent(self, tt: Tensor, x: Tensor, dx: Tensor) -> tuple[Tensor, Tensor]:
+        gate = _per_channel(torch.sigmoid(self.gate(tt)))
+        return self.conv(x) * gate, _conv_tangent(dx, self.conv.weight) * gate
+
 
 class ConcatSquashConv2d(SquashConv2d):
     """``h' = (W * h + b) ⊙ σ(W_g t + b_g) + W_b t`` (FFJORD's ``concatsquash``)."""
@@ -417,6 +456,10 @@ class ConcatSquashConv2d(SquashConv2d):
 
     def forward(self, tt: Tensor, x: Tensor) -> Tensor:
         return super().forward(tt, x) + _per_channel(self.shift(tt))
+
+    def forward_tangent(self, tt: Tensor, x: Tensor, dx: Tensor) -> tuple[Tensor, Tensor]:
+        out, dout = super().forward_tangent(tt, x, dx)
+        return out + _per_channel(self.shift(tt)), dout
 
     def zero_(self) -> None:
         super().zero_()
@@ -435,6 +478,10 @@ class BlendConv2d(TimeConv2d):
     def forward(self, tt: Tensor, x: Tensor) -> Tensor:
         y0 = self.conv(x)
         return y0 + (self.conv1(x) - y0) * _per_channel(tt)
+
+    def forward_tangent(self, tt: Tensor, x: Tensor, dx: Tensor) -> tuple[Tensor, Tensor]:
+        d0, d1 = _conv_tangent(dx, self.conv.weight), _conv_tangent(dx, self.conv1.weight)
+        return self.forward(tt, x), d0 + (d1 - d0) * _per_channel(tt)
 
     def zero_(self) -> None:
         super().zero_()
@@ -495,3 +542,14 @@ class TimeConvNet(nn.Module):
 
     def forward(self, t: Tensor | float, x: Tensor) -> Tensor:
         return _apply_layers(self.layers, self.acts, _time_column(t, x), x)
+
+    def forward_with_jvp(self, t: Tensor | float, x: Tensor, v: Tensor) -> tuple[Tensor, Tensor]:
+        """Output and Jacobian–vector products ``(∂f/∂x) v_k`` of ``K`` tangents ``v`` ``(K, B, C, H, W)``.
+
+        Forward mode: the tangents run through the same layers (one batched
+        convolution per layer for all ``K``), so Hutchinson's ``εᵀ(∂f/∂x)ε``
+        needs no ``autograd.grad`` call and training back-propagates through
+        one ordinary graph instead of a double-backward one
+        (:class:`cnf.divergence.HutchinsonDivergence`).
+        """
+        return _apply_layers_with_tangents(self.layers, self.acts, _time_column(t, x), x, v)

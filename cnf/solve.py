@@ -218,6 +218,20 @@ class AugmentedDynamics(nn.Module):
         return tuple(out)
 
 
+def controller_norm(state: tuple[Tensor, ...]) -> Tensor:
+    """Error norm of the step-size controller: the largest RMS over the state's parts, without grad.
+
+    The same mixed norm torchdiffeq uses for tuple states (so step sizes and
+    NFE are unchanged), computed on detached tensors: with backprop through an
+    adaptive solver the step sizes are then constants of the recorded graph,
+    as in diffrax's ``PIDController``. The gradient is that of the discretised
+    solve at its accepted steps; without the detach autograd would also
+    differentiate the controller's choice of step (an artefact of the
+    discretisation, not of the ODE) and record and walk its operations.
+    """
+    return torch.stack([p.detach().pow(2).mean().sqrt() for p in state]).max()
+
+
 def _uniform_grid(steps: int) -> Callable[[Any, Tensor, Tensor], Tensor]:
     """torchdiffeq grid constructor: ``steps`` equal steps from ``t[0]`` to ``t[-1]``."""
 
@@ -302,8 +316,9 @@ def integrate(
         kwargs["options"] = {"grid_constructor": _uniform_grid(solver.steps)}
     else:
         kwargs["rtol"], kwargs["atol"] = solver.rtol, solver.atol
-        if solver.max_steps:
-            kwargs["options"] = {"max_num_steps": solver.max_steps}
+        kwargs["options"] = {"max_num_steps": solver.max_steps} if solver.max_steps else {}
+        if not solver.adjoint:
+            kwargs["options"]["norm"] = controller_norm
 
     if solver.adjoint:
         params = [p for p in dynamics.parameters() if p.requires_grad]

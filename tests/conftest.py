@@ -170,3 +170,15 @@ def maf_archive(tmp_path_factory: pytest.TempPathFactory) -> Path:
     from maf_archive import write_archive
 
     return write_archive(tmp_path_factory.mktemp("maf"))
+
+
+class PlainField(torch.nn.Module):
+    """A field without its forward-mode methods (``forward_with_jacobian``, ``forward_with_jvp``, …):
+    the divergence estimators take the autograd (VJP) path."""
+
+    def __init__(self, net: torch.nn.Module):
+        super().__init__()
+        self.net = net
+
+    def forward(self, t: torch.Tensor, z: torch.Tensor) -> torch.Tensor:
+        return self.net(t, z)

@@ -16,6 +16,7 @@ import math
 
 import pytest
 import torch
+from conftest import PlainField
 from torch import Tensor, nn
 
 from cnf.divergence import (
@@ -37,17 +38,6 @@ def brute_jacobian(field, t: Tensor, z: Tensor) -> Tensor:
         jac = torch.autograd.functional.jacobian(lambda v: field(t, v[None])[0], z[b])
         rows.append(jac.reshape(z[b].numel(), z[b].numel()))
     return torch.stack(rows)
-
-
-class PlainField(nn.Module):
-    """Hides ``forward_with_jacobian`` so the estimator takes the autograd path."""
-
-    def __init__(self, net: nn.Module):
-        super().__init__()
-        self.net = net
-
-    def forward(self, t: Tensor, z: Tensor) -> Tensor:
-        return self.net(t, z)
 
 
 class LinearField(nn.Module):
@@ -106,6 +96,40 @@ def test_exact_divergence_matches_brute_force_jacobian(layer: str, activation: s
     div, fr = est(plain(t, zz), zz, None, create_graph=False, frobenius=True)
     torch.testing.assert_close(div, trace, rtol=1e-10, atol=1e-12)
     torch.testing.assert_close(fr, frob, rtol=1e-10, atol=1e-12)
+
+
+@pytest.mark.parametrize("activation", sorted(ACTIVATIONS))
+@pytest.mark.parametrize("layer", sorted(LAYERS))
+def test_hutchinson_forward_mode_equals_the_vjp_path(layer: str, activation: str) -> None:
+    """TimeMLP.forward_with_jvp gives each probe's ``εᵀAε`` (equal to the VJP's, with equal
+    gradients w.r.t. z, t and the parameters) and ``‖Aε‖²`` from the brute-force Jacobian."""
+    net = make_mlp(layer, activation)
+    g = torch.Generator().manual_seed(4)
+    z0 = torch.randn(6, 3, dtype=DTYPE, generator=g)
+    est = HutchinsonDivergence("gaussian", num_probes=3, per_probe=True, generator=g)
+    probe = est.draw_probe(z0)
+    out, grads = [], []
+    for field in (net, PlainField(net)):
+        z = z0.clone().requires_grad_(True)
+        t = torch.tensor(0.37, dtype=DTYPE, requires_grad=True)
+        f, div, frob = est.evaluate(field, t, z, probe, frobenius=True)
+        out.append((f, div, frob))
+        loss = f.pow(2).sum() + div.sin().sum()
+        grads.append(torch.autograd.grad(loss, [z, t, *net.parameters()], allow_unused=True))
+    (f1, d1, fr1), (f2, d2, _) = out
+    torch.testing.assert_close(f1, f2, rtol=1e-12, atol=1e-12)
+    torch.testing.assert_close(d1, d2, rtol=1e-10, atol=1e-12)
+    for a, b in zip(*grads):
+        if b is None:
+            assert a is None or a.abs().max() == 0
+        else:
+            torch.testing.assert_close(a, b, rtol=1e-9, atol=1e-11)
+    jac = brute_jacobian(net, torch.tensor(0.37, dtype=DTYPE), z0)  # (B, D, D)
+    a_eps = torch.einsum("bij,kbj->kbi", jac, probe)
+    torch.testing.assert_close(
+        d1, torch.einsum("kbi,kbi->bk", probe, a_eps), rtol=1e-10, atol=1e-12
+    )
+    torch.testing.assert_close(fr1, a_eps.pow(2).sum(2).mean(0), rtol=1e-10, atol=1e-12)
 
 
 @pytest.mark.parametrize("activation", sorted(ACTIVATIONS))
@@ -312,9 +336,10 @@ class RecordingHutchinson(HutchinsonDivergence):
         super().__init__(*args, **kwargs)
         self.seen: list[tuple[int, Tensor]] = []
 
-    def __call__(self, f, z, probe, *, create_graph, frobenius=False):
+    def _reduce(self, products, probe, *, frobenius):
+        # Both paths (the VJP and the forward-mode JVP) end here.
         self.seen.append((probe.data_ptr(), probe.detach().clone()))
-        return super().__call__(f, z, probe, create_graph=create_graph, frobenius=frobenius)
+        return super()._reduce(products, probe, frobenius=frobenius)
 
 
 @pytest.mark.parametrize(

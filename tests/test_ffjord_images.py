@@ -26,7 +26,7 @@ import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
-from conftest import REPO, build_family, run_script
+from conftest import REPO, PlainField, build_family, run_script
 from omegaconf import OmegaConf
 from torch import Tensor, nn
 
@@ -165,7 +165,7 @@ def test_multiscale_rejects_what_it_cannot_squeeze() -> None:
 class NoTrace(DivergenceEstimator):
     """No log-determinant state: the solves compute the map ``x -> z`` alone (for its Jacobian)."""
 
-    def _forward_mode(self, field, t, z, *, frobenius):
+    def _forward_mode(self, field, t, z, probe, *, frobenius):
         return field(t, z), z.new_zeros(z.shape[0]), None
 
 
@@ -364,7 +364,7 @@ def test_probes_cost_one_vjp_per_function_evaluation(monkeypatch) -> None:
         return grad(*args, **kwargs)
 
     monkeypatch.setattr(torch.autograd, "grad", counting)
-    net = perturb_(TimeConvNet(2, (8,), layer="concat"), 0.1)
+    net = PlainField(perturb_(TimeConvNet(2, (8,), layer="concat"), 0.1))
     est = HutchinsonDivergence("rademacher", num_probes=16, per_probe=True)
     block = CNF(net, solver=SolverConfig(name="rk4", steps=3), divergence=est)
     with torch.no_grad():
@@ -373,6 +373,64 @@ def test_probes_cost_one_vjp_per_function_evaluation(monkeypatch) -> None:
     assert len(calls) == 12 and all(calls)
     assert out.logdet_probes.shape == (5, 16)
     torch.testing.assert_close(out.logdet, out.logdet_probes.mean(1))
+
+
+def test_forward_mode_probes_cost_one_convolution_per_layer(monkeypatch) -> None:
+    """With ``forward_with_jvp`` the K probes ride along as tangents: no autograd.grad at all,
+    and one convolution per layer carries all K of them (no loop over probes)."""
+    grads, convs = [], []
+    grad, conv2d = torch.autograd.grad, F.conv2d
+    monkeypatch.setattr(torch.autograd, "grad", lambda *a, **k: grads.append(1) or grad(*a, **k))
+
+    def counting_conv(x, *args, **kwargs):
+        convs.append(x.shape[0])
+        return conv2d(x, *args, **kwargs)
+
+    monkeypatch.setattr(F, "conv2d", counting_conv)
+    net = perturb_(TimeConvNet(2, (8,), layer="concat"), 0.1)
+    est = HutchinsonDivergence("rademacher", num_probes=16, per_probe=True)
+    block = CNF(net, solver=SolverConfig(name="rk4", steps=3), divergence=est)
+    with torch.no_grad():
+        out = block.transform(torch.randn(5, 2, 4, 4))
+    assert out.stats.nfe_forward == 12 and not grads
+    # Per evaluation and layer: the state (5), the time plane (1), the 16 x 5 tangents at once.
+    assert sorted(convs) == sorted([5, 1, 80] * 2 * 12)
+    assert out.logdet_probes.shape == (5, 16)
+
+
+@pytest.mark.parametrize("layer", sorted(CONV_LAYERS))
+def test_forward_mode_probes_equal_the_vjp_ones(layer: str) -> None:
+    """``εᵀ(Aε)`` by forward mode is ``(εᵀA)ε`` by the VJP, per probe, with equal gradients (float64);
+    its Frobenius estimate ``‖Aε‖²`` is ``εᵀAᵀAε`` with ``A`` the brute-force Jacobian."""
+    torch.manual_seed(3)
+    net = perturb_(TimeConvNet(2, (6, 5), layer=layer), 0.2).double()
+    x = torch.randn(3, 2, 4, 4, dtype=torch.float64)
+    t = torch.tensor(0.4, dtype=torch.float64)
+    est = HutchinsonDivergence("rademacher", num_probes=4, per_probe=True)
+    probe = est.draw_probe(x)
+    results = []
+    for field in (net, PlainField(net)):
+        f, div, frob = est.evaluate(field, t, x, probe, frobenius=True)
+        loss = f.pow(2).sum() + div.sin().sum()  # the Frobenius estimates differ (‖Aε‖², ‖εᵀA‖²)
+        results.append((f, div, frob, torch.autograd.grad(loss, list(net.parameters()))))
+    (f1, d1, fr1, g1), (f2, d2, _, g2) = results
+    torch.testing.assert_close(f1, f2, rtol=1e-12, atol=1e-12)
+    torch.testing.assert_close(d1, d2, rtol=1e-10, atol=1e-12)
+    for a, b in zip(g1, g2):
+        assert b.abs().max() > 0
+        torch.testing.assert_close(a, b, rtol=1e-10, atol=1e-12)
+    jac = torch.stack(
+        [
+            torch.autograd.functional.jacobian(lambda v: net(t, v[None])[0].flatten(), xi).flatten(
+                1
+            )
+            for xi in x
+        ]
+    )  # (B, D, D)
+    eps = probe.flatten(2)  # (K, B, D)
+    a_eps = torch.einsum("bij,kbj->kbi", jac, eps)
+    torch.testing.assert_close(d1, torch.einsum("kbi,kbi->bk", eps, a_eps), rtol=1e-10, atol=1e-12)
+    torch.testing.assert_close(fr1, a_eps.pow(2).sum(2).mean(0), rtol=1e-10, atol=1e-12)
 
 
 def test_many_probes_converge_to_the_exact_trace_nll_on_digits() -> None:

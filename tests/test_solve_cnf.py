@@ -7,6 +7,8 @@
   brute-force Jacobian of the whole solve;
 * adjoint gradients equal backprop gradients (also with the seminorm), and a
   learned end time T receives the closed-form gradient;
+* backprop through an adaptive solve leaves the step-size controller out of
+  the graph without changing a single step;
 * RNODE's regulariser states equal quadratures along the trajectory;
 * moving batch norm is a bijection with the right log-determinant.
 """
@@ -20,6 +22,7 @@ import pytest
 import torch
 from torch import Tensor, nn
 
+import cnf.solve as solve_module
 from cnf.divergence import DivergenceConfig, ExactDivergence, HutchinsonDivergence
 from cnf.flows.base import FlowSettings, SequentialFlow, standard_normal_logprob
 from cnf.flows.cnf import CNF
@@ -242,6 +245,43 @@ def test_adjoint_gradients_match_backprop(divergence: str) -> None:
         for g, r in zip(got, ref):
             assert r.abs().max() > 0
             assert _rel_err(g, r) < 1e-4, (adj, _rel_err(g, r))
+
+
+class TimeSpy(nn.Module):
+    """Wraps a field and records every time it is evaluated at."""
+
+    def __init__(self, field: nn.Module):
+        super().__init__()
+        self.field, self.times = field, []
+
+    def forward(self, t: Tensor, z: Tensor) -> Tensor:
+        self.times.append(t)
+        return self.field(t, z)
+
+
+def test_backprop_step_sizes_are_constants_of_the_graph(monkeypatch: pytest.MonkeyPatch) -> None:
+    """The controller's norm is torchdiffeq's mixed norm on detached tensors.
+
+    Bit-for-bit the same solve (states, log-determinant, NFE) as torchdiffeq's
+    own norm, but no evaluation time depends on the parameters; with
+    torchdiffeq's norm the step sizes, and so the times, do.
+    """
+    from torchdiffeq._impl.misc import _mixed_norm
+
+    torch.manual_seed(4)
+    net = TimeSpy(random_mlp(dim=2, seed=4, hidden=(16,)))
+    x = data(n=16, d=2, seed=5)
+    solver = SolverConfig(name="dopri5", rtol=1e-6, atol=1e-6)
+    ours = integrate(net, x, t1=0.8, solver=solver, divergence=ExactDivergence())
+    ours_times = net.times
+    assert ours_times and not any(t.requires_grad for t in ours_times)
+    net.times = []
+    monkeypatch.setattr(solve_module, "controller_norm", _mixed_norm)
+    theirs = integrate(net, x, t1=0.8, solver=solver, divergence=ExactDivergence())
+    assert any(t.requires_grad for t in net.times)
+    assert torch.equal(ours.z, theirs.z) and torch.equal(ours.logdet, theirs.logdet)
+    assert ours.stats.nfe_forward == theirs.stats.nfe_forward
+    assert [float(t.detach()) for t in ours_times] == [float(t.detach()) for t in net.times]
 
 
 @pytest.mark.parametrize("seminorm", [False, True])
