@@ -356,15 +356,15 @@ class TimeMLP(nn.Module):
 class TimeConv2d(nn.Module):
     """Base class of the convolutional time layers: ``forward(tt, x)`` on ``(B, C, H, W)``.
 
-    ``forward_tangent(tt, x, dx)`` returns the output and the layer's Jacobian
-    applied to tangents ``dx`` of shape ``(K, B, C, H, W)`` (every layer is
-    affine in ``x``), as :class:`TimeLayer` does for vectors;
-    :meth:`TimeConvNet.forward_with_jvp` uses it.
-
     The convolutional counterparts of :data:`LAYERS` (FFJORD's image
     networks): 3×3 kernels, stride 1, padding 1, so the spatial size is kept.
     ``tt`` is ``(1, time_dim)`` (one time for the batch, inside an ODE solve)
     or ``(B, time_dim)``; time-dependent gates and shifts act per channel.
+
+    ``forward_tangent(tt, x, dx)`` returns the output and the layer's Jacobian
+    applied to tangents ``dx`` of shape ``(K, B, C, H, W)`` (every layer is
+    affine in ``x``), as :class:`TimeLayer` does for vectors;
+    :meth:`TimeConvNet.forward_with_jvp` uses it.
 
     Args:
         in_channels, out_channels: Channels of the input and output.
