@@ -271,6 +271,7 @@ class FFJORDSchema:
     regularizer_norm: str = "sum"  # sum | per_dim (RNODE's released code)
     loss_unit: str = "nats"  # nats | bits_per_dim (training objective; FFJORD/RNODE image scripts)
     preprocess: PreprocessSchema = field(default_factory=PreprocessSchema)
+    compile: bool = False  # mlp + exact trace: the fused trace pass through torch.compile
 
     def __post_init__(self) -> None:
         _check("FFJORD_ARCHITECTURES", "architecture", self.architecture)
@@ -293,6 +294,20 @@ class FFJORDSchema:
                 f"batch_norm: moving batch norm is for vectors; architecture={self.architecture} "
                 "needs batch_norm=false"
             )
+        if self.compile:
+            from cnf.fused_trace import FUSED_ACTIVATIONS, FUSED_LAYERS
+
+            if images or self.divergence.name != "exact":
+                raise ValueError(
+                    "compile: compiles the exact trace of mlp fields; needs architecture=mlp and "
+                    f"divergence.name=exact, got architecture={self.architecture}, "
+                    f"divergence.name={self.divergence.name}"
+                )
+            if self.layer not in FUSED_LAYERS or self.activation not in FUSED_ACTIVATIONS:
+                raise ValueError(
+                    f"compile: needs layer among {', '.join(FUSED_LAYERS)} and activation among "
+                    f"{', '.join(FUSED_ACTIVATIONS)}, got layer={self.layer}, activation={self.activation}"
+                )
 
 
 @dataclass

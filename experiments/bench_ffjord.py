@@ -6,7 +6,9 @@ Two models on 8gaussians, one thread:
 
 * ``original`` — the original FFJORD toy model (rtqichen/ffjord ``train_toy.py``):
   one CNF, concatsquash MLP 2-64-64-64-2, tanh, T = 0.5, exact trace, dopri5
-  atol = rtol = 1e-5, batch 100, Adam 1e-3 — once per gradient mode;
+  atol = rtol = 1e-5, batch 100, Adam 1e-3 — once per gradient mode
+  (``backprop_compiled``: backprop with ``model.compile=true``, the fused
+  exact trace through torch.compile; its first iteration compiles);
 * ``default`` — the project's default toy configuration (configs/ffjord/toy.yaml).
 
 Prints seconds/iteration (averaged over iterations 1–200 and 1–N), NFE
@@ -54,6 +56,9 @@ ORIGINAL = [
 ]
 MODES = {
     "backprop": ["model.solver.adjoint=false"],
+    # The fused exact-trace pass through torch.compile (cnf.fused_trace); the
+    # first iteration includes the compilation (cached on disk across runs).
+    "backprop_compiled": ["model.solver.adjoint=false", "model.compile=true"],
     "adjoint": ["model.solver.adjoint=true", "model.solver.seminorm=false"],
     "adjoint_seminorm": ["model.solver.adjoint=true", "model.solver.seminorm=true"],
 }

@@ -194,7 +194,9 @@ class FFJORD(ChainModel):
         return grid
 
 
-def field_network(dim: int, cfg: FFJORDSchema | FlowMatchingSchema) -> TimeMLP:
+def field_network(
+    dim: int, cfg: FFJORDSchema | FlowMatchingSchema, *, compile_trace: bool = False
+) -> TimeMLP:
     """The vector field ``f(t, z)`` of a CNF family from its ``hidden_dims, layer, activation, zero_init``."""
     return TimeMLP(
         dim,
@@ -202,6 +204,7 @@ def field_network(dim: int, cfg: FFJORDSchema | FlowMatchingSchema) -> TimeMLP:
         layer=cfg.layer,
         activation=cfg.activation,
         zero_init=cfg.zero_init,
+        compile_trace=compile_trace,
     )
 
 
@@ -233,7 +236,8 @@ def _mlp_flow(cfg: FFJORDSchema, event_shape: tuple[int, ...]) -> SequentialFlow
     for i in range(cfg.num_blocks):
         if cfg.batch_norm and i == 0:
             blocks.append(MovingBatchNorm(dim))
-        blocks.append(_cnf_block(cfg, field_network(dim, cfg), dim, dim))
+        field_ = field_network(dim, cfg, compile_trace=cfg.compile)
+        blocks.append(_cnf_block(cfg, field_, dim, dim))
         if cfg.batch_norm:
             blocks.append(MovingBatchNorm(dim))
     return SequentialFlow(blocks)
