@@ -31,6 +31,8 @@ from torch.autograd.function import once_differentiable
 
 #: Layer types with the form above, by the names of :data:`cnf.nets.LAYERS`.
 FUSED_LAYERS = ("ignore", "concat", "squash", "concatsquash")
+#: Parameters per layer in :class:`FusedTrace`'s order (:func:`fused_params`).
+_N_PARAMS = {"ignore": 2, "concat": 2, "squash": 4, "concatsquash": 5}
 #: Activations with a rule here: ``act'`` and ``act''/act'`` from the output (tanh)
 #: or from ``σ(βa)`` (softplus), so no pre-activation need be kept.
 FUSED_ACTIVATIONS = ("tanh", "softplus")
@@ -129,7 +131,6 @@ def _fused_backward(  # noqa: ANN202
     gp0 = grad_f
     grads: list[Tensor] = []
     grad_t = torch.zeros_like(t)
-    grad_x = grad_f
     for li in range(depth - 1, -1, -1):
         # gp0, gpt: the gradient with respect to this layer's pre-activation stack.
         kind, p = kinds[li], groups[li]
@@ -257,23 +258,15 @@ def _param_grads(  # noqa: ANN202
     return out, grad_t
 
 
-_N_PARAMS = {"ignore": 2, "concat": 2, "squash": 4, "concatsquash": 5}
-
-
 def fused_spec(layers, acts) -> tuple[tuple[str, ...], str, float] | None:  # noqa: ANN001
     """``(kinds, activation, beta)`` of a TimeMLP's layers, or None if the fused pass has no rule.
 
     ``layers`` and ``acts`` are :class:`cnf.nets.TimeMLP`'s; the raw time must
     be the only time feature (one column).
     """
-    from cnf.nets import ConcatLinear, ConcatSquashLinear, IgnoreLinear, SquashLinear
+    from cnf.nets import LAYERS
 
-    names = {
-        IgnoreLinear: "ignore",
-        ConcatLinear: "concat",
-        SquashLinear: "squash",
-        ConcatSquashLinear: "concatsquash",
-    }
+    names = {LAYERS[name]: name for name in FUSED_LAYERS}
     kinds = tuple(names.get(type(layer)) for layer in layers)
     if None in kinds or any(layer.time_dim != 1 for layer in layers):
         return None
