@@ -130,6 +130,10 @@ class DivergenceEstimator:
         """``(f, div, frob)`` without autograd when the estimator and field allow it, else None."""
         return None
 
+    def packed_derivative(self, field: Field, z: Tensor) -> Callable[..., Tensor] | None:
+        """The field's derivative of the packed state ``[z | logdet]``, or None (see :class:`ExactDivergence`)."""
+        return None
+
 
 class ExactDivergence(DivergenceEstimator):
     """Exact trace from the full Jacobian.
@@ -166,6 +170,13 @@ class ExactDivergence(DivergenceEstimator):
                 frob = jac.pow(2).sum(dim=(0, 2)) if frobenius else None
                 return f, div, frob
         return None
+
+    def packed_derivative(self, field: Field, z: Tensor) -> Callable[..., Tensor] | None:
+        # A field that evaluates ``(y, s, t0, span) -> [f·span | tr J·span]`` on
+        # one packed tensor (TimeMLP with ``compile_trace``): the solve then
+        # carries one state instead of the tuple (z, logdet).
+        fn = getattr(field, "packed_derivative", None) if z.dim() == 2 else None
+        return fn() if fn is not None else None
 
     def __call__(
         self,

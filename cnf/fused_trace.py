@@ -21,6 +21,10 @@ hundred: for the 2-D toy CNF the cost is the number of operators, not their
 arithmetic (``experiments/profile_ffjord.py``). The backward pass is
 once-differentiable — what backprop through the solver and the adjoint's
 vector–Jacobian products need; a double backward raises.
+
+:class:`PackedTrace` wraps the same passes for a solve's packed state
+``[z | logdet]``: the derivative ``[f·span | tr J·span]`` at ``t0 + span·s``
+in one node, so the solver carries one tensor instead of a tuple.
 """
 
 from __future__ import annotations
@@ -190,6 +194,10 @@ class FusedTrace(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x: Tensor, t: Tensor, spec: tuple, compiled: bool, *params: Tensor):  # noqa: ANN001, ANN205
         forward, _ = _passes(compiled)
+        # Detached: the first evaluation of a solve sees a state without grad,
+        # later ones a state with it; the pass is the same (no graph is
+        # recorded here), and one compiled program serves both.
+        x, t = x.detach(), t.detach()
         f, div, frob, jac, saved = forward(x, t, list(params), spec)
         ctx.spec, ctx.n_params, ctx.compiled = spec, len(params), compiled
         ctx.save_for_backward(x, t, jac, *params, *saved)
@@ -207,27 +215,24 @@ class FusedTrace(torch.autograd.Function):
         return (grad_x, grad_t, None, None, *grads)
 
 
-_COMPILED: list = []
+_COMPILED: dict[bool, tuple] = {}
 
 
-def _passes(compiled: bool):  # noqa: ANN202
+def _passes(compiled: bool, packed: bool = False):  # noqa: ANN202
     """The forward and backward passes, eager or through ``torch.compile`` (built once, on first use).
 
+    ``packed``: those of :class:`PackedTrace` instead of :class:`FusedTrace`.
     Compiled, each pass is one generated kernel program per shape and dtype
     instead of a hundred operator calls: the toy CNF's cost is per operator,
     not arithmetic. Compilation happens on the first call (tens of seconds
     with a cold cache; inductor caches the result on disk for later runs).
     """
+    eager = (_packed_forward, _packed_backward) if packed else (_fused_forward, _fused_backward)
     if not compiled:
-        return _fused_forward, _fused_backward
-    if not _COMPILED:
-        _COMPILED.extend(
-            [
-                torch.compile(_fused_forward, fullgraph=True),
-                torch.compile(_fused_backward, fullgraph=True),
-            ]
-        )
-    return _COMPILED[0], _COMPILED[1]
+        return eager
+    if packed not in _COMPILED:
+        _COMPILED[packed] = tuple(torch.compile(fn, fullgraph=True) for fn in eager)
+    return _COMPILED[packed]
 
 
 def _param_grads(  # noqa: ANN202
@@ -256,6 +261,100 @@ def _param_grads(  # noqa: ANN202
         out.append((gs * t).unsqueeze(1))
         grad_t = grad_t + torch.dot(gs, p[4][:, 0])
     return out, grad_t
+
+
+def _packed_forward(
+    y: Tensor, s: Tensor, t0: Tensor, span: Tensor, params: list[Tensor], spec: tuple
+):  # noqa: ANN202
+    """The pass of :class:`PackedTrace`: ``(dy, f, div, jac, saved)``."""
+    d = y.shape[1] - 1
+    f, div, _frob, jac, saved = _fused_forward(y[:, :d], t0 + span * s, params, spec)
+    dy = torch.cat([f * span, (div * span).unsqueeze(1)], dim=1)
+    return dy, f, div, jac, saved
+
+
+def _packed_backward(  # noqa: ANN202
+    grad: Tensor,
+    y: Tensor,
+    s: Tensor,
+    t0: Tensor,
+    span: Tensor,
+    f: Tensor,
+    div: Tensor,
+    jac: Tensor,
+    params: list[Tensor],
+    saved: list[Tensor],
+    spec: tuple,
+):
+    """The adjoint of :func:`_packed_forward`: ``(grad_y, grad_s, grad_t0, grad_span, parameter grads)``."""
+    d = y.shape[1] - 1
+    gf, gdiv = grad[:, :d], grad[:, d]
+    grad_x, grad_t, grads = _fused_backward(
+        gf * span, gdiv * span, gdiv.new_zeros(0), y[:, :d], t0 + span * s, jac, params, saved, spec
+    )
+    grad_span = (gf * f).sum() + torch.dot(gdiv, div) + grad_t * s
+    # The derivative does not depend on the log-determinant column.
+    grad_y = torch.cat([grad_x, torch.zeros_like(gdiv).unsqueeze(1)], dim=1)
+    return grad_y, grad_t * span, grad_t, grad_span, grads
+
+
+class PackedTrace(torch.autograd.Function):
+    """The CNF's augmented derivative on one packed state, in one autograd node.
+
+    ``apply(y, s, t0, span, spec, compiled, *params)``: ``y`` ``(B, D + 1)`` is
+    ``[z | log-determinant]``, ``s`` the solver's time in ``[0, 1]`` and the
+    model time ``t = t0 + span·s`` (0-dim tensors); returns
+    ``[f(t, z)·span | tr ∂f/∂z·span]``, ``(B, D + 1)``. Same ``spec`` (with
+    ``frobenius`` false) and ``params`` as :class:`FusedTrace`, whose passes
+    it wraps. One tensor state instead of the tuple ``(z, logdet)`` spares
+    torchdiffeq's split and concatenation, and the time and span scaling
+    their own operators and graph nodes, at every function evaluation
+    (:func:`cnf.solve.integrate` uses it where the field offers it).
+    """
+
+    @staticmethod
+    def forward(ctx, y, s, t0, span, spec, compiled, *params):  # noqa: ANN001, ANN205
+        forward, _ = _passes(compiled, packed=True)
+        # Detached (as in FusedTrace): one compiled program for states with and without grad.
+        y, s, t0, span = y.detach(), s.detach(), t0.detach(), span.detach()
+        dy, f, div, jac, saved = forward(y, s, t0, span, list(params), spec)
+        ctx.spec, ctx.n_params, ctx.compiled = spec, len(params), compiled
+        ctx.save_for_backward(y, s, t0, span, f, div, jac, *params, *saved)
+        return dy
+
+    @staticmethod
+    @once_differentiable
+    def backward(ctx, grad: Tensor):  # noqa: ANN001, ANN205
+        y, s, t0, span, f, div, jac, *rest = ctx.saved_tensors
+        params, saved = rest[: ctx.n_params], rest[ctx.n_params :]
+        _, backward = _passes(ctx.compiled, packed=True)
+        grad_y, grad_s, grad_t0, grad_span, grads = backward(
+            grad, y, s, t0, span, f, div, jac, list(params), list(saved), ctx.spec
+        )
+        return (grad_y, grad_s, grad_t0, grad_span, None, None, *grads)
+
+
+def packed_trace(
+    y: Tensor,
+    s: Tensor,
+    t0: Tensor,
+    span: Tensor,
+    spec: tuple[tuple[str, ...], str, float],
+    params: list[Tensor],
+    *,
+    compiled: bool = False,
+) -> Tensor:
+    """``[f·span | tr ∂f/∂z·span]`` of the packed state ``y = [z | logdet]`` by :class:`PackedTrace`."""
+    kinds, act, beta = spec
+    return PackedTrace.apply(
+        y,
+        s.reshape(()),
+        t0.reshape(()),
+        span.reshape(()),
+        (kinds, act, beta, False),
+        bool(compiled),
+        *params,
+    )
 
 
 def fused_spec(layers, acts) -> tuple[tuple[str, ...], str, float] | None:  # noqa: ANN001

@@ -32,6 +32,7 @@ from torch import Tensor, nn
 from cnf.fused_trace import (
     FUSED_ACTIVATIONS,
     FUSED_LAYERS,
+    PackedTrace,
     fused_params,
     fused_spec,
     fused_trace,
@@ -364,6 +365,24 @@ class TimeMLP(nn.Module):
         f, jac = self.forward_with_jacobian(t, x)
         div = torch.einsum("bii->b", jac.transpose(0, 1))
         return f, div, (jac.pow(2).sum(dim=(0, 2)) if frobenius else None)
+
+    def packed_derivative(self) -> Callable[[Tensor, Tensor, Tensor, Tensor], Tensor] | None:
+        """The CNF derivative on a packed state, for :func:`cnf.solve.integrate`; None without ``compile_trace``.
+
+        ``(y, s, t0, span) -> [f·span | tr ∂f/∂z·span]`` with ``y = [z | logdet]``
+        ``(B, D + 1)`` and the time ``t0 + span·s``: one compiled autograd node
+        per evaluation (:class:`cnf.fused_trace.PackedTrace`).
+        """
+        if not self.compile_trace:
+            return None
+        # Built per solve: the parameters are the same tensors for all its
+        # evaluations, and the times are 0-dim (cnf.solve.PackedDynamics).
+        spec, params = (*self._fused_spec, False), fused_params(self.layers)
+
+        def derivative(y: Tensor, s: Tensor, t0: Tensor, span: Tensor) -> Tensor:
+            return PackedTrace.apply(y, s, t0, span, spec, True, *params)
+
+        return derivative
 
     def forward_with_jacobian(self, t: Tensor | float, x: Tensor) -> tuple[Tensor, Tensor]:
         """Output and full Jacobian by forward-mode propagation through the layers.

@@ -19,6 +19,10 @@ Finlay et al. 2020)::
     dE/dt      = ‖f‖²                  (kinetic energy, integrated over |dt|)
     dJ/dt      = ‖∂f/∂z‖_F²  or  ‖εᵀ∂f/∂z‖²   (Jacobian Frobenius norm)
 
+The state is a tuple of these parts, or, where the divergence estimator
+offers a packed derivative (the exact trace of a compiled TimeMLP, backprop,
+no regulariser), one tensor ``[z | logdet]`` (:class:`PackedDynamics`).
+
 References:
     Chen et al., "Neural ordinary differential equations", NeurIPS 2018.
     Grathwohl et al., "FFJORD", ICLR 2019.
@@ -232,6 +236,33 @@ def controller_norm(state: tuple[Tensor, ...]) -> Tensor:
     return torch.stack([p.detach().pow(2).mean().sqrt() for p in state]).max()
 
 
+class PackedDynamics(nn.Module):
+    """The augmented ODE ``(z, logdet)`` as one tensor ``y = [z | logdet]`` ``(B, D + 1)``.
+
+    For fields whose divergence estimator offers a packed derivative
+    (:meth:`cnf.divergence.DivergenceEstimator.packed_derivative`: the
+    exact trace of a compiled TimeMLP), which evaluates the time
+    ``t0 + (t1 − t0)·s``, the field, its trace and the span scaling in one
+    autograd node: torchdiffeq then splits and concatenates nothing.
+    """
+
+    def __init__(self, derivative: Callable[..., Tensor], t0: Tensor, t1: Tensor):
+        super().__init__()
+        self.derivative = derivative
+        self.t0, self.span = t0.reshape(()), (t1 - t0).reshape(())
+        self.nfe = 0
+
+    def forward(self, s: Tensor, y: Tensor) -> Tensor:
+        self.nfe += 1
+        return self.derivative(y, s, self.t0, self.span)
+
+
+def packed_controller_norm(y: Tensor) -> Tensor:
+    """:func:`controller_norm` of a packed state ``[z | logdet]``: the same steps as the tuple."""
+    y = y.detach()
+    return torch.maximum(y[..., :-1].pow(2).mean().sqrt(), y[..., -1].pow(2).mean().sqrt())
+
+
 def _uniform_grid(steps: int) -> Callable[[Any, Tensor, Tensor], Tensor]:
     """torchdiffeq grid constructor: ``steps`` equal steps from ``t[0]`` to ``t[-1]``."""
 
@@ -278,22 +309,30 @@ def integrate(
     t0 = torch.as_tensor(t0, dtype=z0.dtype, device=z0.device)
     t1 = torch.as_tensor(t1, dtype=z0.dtype, device=z0.device)
     batch = z0.shape[0]
+    packed = None
+    if divergence is not None and not (solver.adjoint or kinetic or jacobian):
+        # (The adjoint keeps the tuple: its backward solve's norm is set per part.)
+        packed = divergence.packed_derivative(field_fn, z0)
     probe = divergence.draw_probe(z0) if divergence is not None else None
-    dynamics = AugmentedDynamics(
-        field_fn,
-        t0,
-        t1,
-        divergence=divergence,
-        probe=probe,
-        kinetic=kinetic,
-        jacobian=jacobian,
-    )
-    state = [z0]
-    if divergence is not None:
-        # A per-probe estimator integrates one log-determinant per probe: (B, K).
-        per_probe = divergence.per_probe and probe is not None
-        state.append(z0.new_zeros(batch, probe.shape[0]) if per_probe else z0.new_zeros(batch))
-    state += [z0.new_zeros(batch) for _ in range(kinetic + jacobian)]
+    if packed is not None:
+        dynamics = PackedDynamics(packed, t0, t1)
+        state = [torch.cat([z0, z0.new_zeros(batch, 1)], dim=1)]
+    else:
+        dynamics = AugmentedDynamics(
+            field_fn,
+            t0,
+            t1,
+            divergence=divergence,
+            probe=probe,
+            kinetic=kinetic,
+            jacobian=jacobian,
+        )
+        state = [z0]
+        if divergence is not None:
+            # A per-probe estimator integrates one log-determinant per probe: (B, K).
+            per_probe = divergence.per_probe and probe is not None
+            state.append(z0.new_zeros(batch, probe.shape[0]) if per_probe else z0.new_zeros(batch))
+        state += [z0.new_zeros(batch) for _ in range(kinetic + jacobian)]
 
     s_grid = torch.tensor([0.0, 1.0], dtype=z0.dtype, device=z0.device)
     traj_index = None
@@ -318,7 +357,9 @@ def integrate(
         kwargs["rtol"], kwargs["atol"] = solver.rtol, solver.atol
         kwargs["options"] = {"max_num_steps": solver.max_steps} if solver.max_steps else {}
         if not solver.adjoint:
-            kwargs["options"]["norm"] = controller_norm
+            kwargs["options"]["norm"] = (
+                packed_controller_norm if packed is not None else controller_norm
+            )
 
     if solver.adjoint:
         params = [p for p in dynamics.parameters() if p.requires_grad]
@@ -328,6 +369,9 @@ def integrate(
             # torchdiffeq copies them only when adjoint_options is not given.
             kwargs["adjoint_options"] = {**kwargs.get("options", {}), "norm": "seminorm"}
         out = odeint_adjoint(dynamics, tuple(state), s_grid, adjoint_params=tuple(params), **kwargs)
+    elif packed is not None:
+        y = odeint(dynamics, state[0], s_grid, **kwargs)
+        out = (y[..., :-1], y[..., -1])
     else:
         out = odeint(dynamics, tuple(state), s_grid, **kwargs)
 

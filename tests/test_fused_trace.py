@@ -14,8 +14,17 @@ import pytest
 import torch
 from omegaconf import OmegaConf
 
+import cnf.fused_trace as ft
+import cnf.solve as solve_module
 from cnf.divergence import DivergenceConfig, ExactDivergence
-from cnf.fused_trace import FUSED_ACTIVATIONS, FUSED_LAYERS, FusedTrace, fused_params
+from cnf.fused_trace import (
+    FUSED_ACTIVATIONS,
+    FUSED_LAYERS,
+    FusedTrace,
+    PackedTrace,
+    fused_params,
+    packed_trace,
+)
 from cnf.models.ffjord import ODESettings, build_ffjord
 from cnf.nets import TimeMLP
 from cnf.schema import FFJORDSchema
@@ -71,6 +80,89 @@ def test_fused_pass_passes_gradcheck() -> None:
         return FusedTrace.apply(x, t, (*spec, True), False, *ps)
 
     assert torch.autograd.gradcheck(fn, (x, t, *params))
+
+
+def test_packed_pass_passes_gradcheck() -> None:
+    """``[f·span | tr J·span]`` at ``t0 + span·s``: every input's gradient by finite differences."""
+    torch.manual_seed(2)
+    net = TimeMLP(2, (4, 3), layer="concatsquash", activation="tanh").double()
+    spec = (*net._fused_spec, False)
+    params = [p.detach().clone().requires_grad_(True) for p in fused_params(net.layers)]
+    y = torch.randn(3, 3, dtype=torch.float64, requires_grad=True)
+    s, t0, span = (
+        torch.tensor(v, dtype=torch.float64, requires_grad=True) for v in (0.3, 0.1, -0.7)
+    )
+
+    def fn(y, s, t0, span, *ps):
+        return PackedTrace.apply(y, s, t0, span, spec, False, *ps)
+
+    assert torch.autograd.gradcheck(fn, (y, s, t0, span, *params))
+
+
+def test_packed_pass_is_the_scaled_fused_pass() -> None:
+    torch.manual_seed(3)
+    net = TimeMLP(2, (5, 5), layer="squash", activation="softplus").double()
+    z, logdet = torch.randn(4, 2, dtype=torch.float64), torch.randn(4, 1, dtype=torch.float64)
+    s, t0, span = (torch.tensor(v, dtype=torch.float64) for v in (0.25, 0.2, 0.5))
+    dy = packed_trace(
+        torch.cat([z, logdet], 1), s, t0, span, net._fused_spec, fused_params(net.layers)
+    )
+    f, div, _ = net.forward_with_trace(t0 + span * s, z, path="layered")
+    torch.testing.assert_close(
+        dy, torch.cat([f * span, (div * span)[:, None]], 1), rtol=1e-12, atol=0
+    )
+
+
+@pytest.mark.parametrize("learned_end", [False, True])
+def test_solve_on_the_packed_state_equals_the_tuple_solve(monkeypatch, learned_end) -> None:
+    """A compile_trace net's solve carries ``[z | logdet]`` as one tensor: same steps, values, gradients."""
+    monkeypatch.setattr(ft, "_passes", lambda compiled, packed=False: _EAGER(False, packed))
+    used = []
+    monkeypatch.setattr(
+        solve_module, "PackedDynamics", lambda *a: used.append(1) or _PACKED_DYNAMICS(*a)
+    )
+    torch.manual_seed(4)
+    packed = TimeMLP(2, (8, 8), compile_trace=True).double()
+    tuple_net = TimeMLP(2, (8, 8)).double()
+    tuple_net.load_state_dict(packed.state_dict())
+    z0 = torch.randn(16, 2, dtype=torch.float64, requires_grad=True)
+    times = torch.tensor([0.0, 0.3, 0.9], dtype=torch.float64)
+    solver = SolverConfig(name="dopri5", rtol=1e-6, atol=1e-6)
+    results = []
+    for net in (packed, tuple_net):
+        t1 = torch.tensor(0.9, dtype=torch.float64, requires_grad=learned_end)
+        sol = integrate(net, z0, t1=t1, solver=solver, divergence=ExactDivergence(), times=times)
+        loss = sol.z.pow(2).sum() - sol.logdet.sum() + sol.trajectory[1].sum()
+        inputs = [z0, *net.parameters()] + ([t1] if learned_end else [])
+        grads = torch.autograd.grad(loss, inputs)
+        results.append((sol.stats.nfe_forward, sol.z, sol.logdet, sol.trajectory, grads))
+    assert used == [1]  # the compile_trace net went packed, the other did not
+    (na, *a), (nb, *b) = results
+    assert na == nb
+    for x, y in zip(a[:3], b[:3]):
+        torch.testing.assert_close(x, y, rtol=1e-10, atol=1e-12)
+    for x, y in zip(a[3], b[3]):
+        torch.testing.assert_close(x, y, rtol=1e-8, atol=1e-10)
+
+
+def test_regularised_and_adjoint_solves_keep_the_tuple(monkeypatch) -> None:
+    monkeypatch.setattr(ft, "_passes", lambda compiled, packed=False: _EAGER(False, packed))
+    used = []
+    monkeypatch.setattr(
+        solve_module, "PackedDynamics", lambda *a: used.append(1) or _PACKED_DYNAMICS(*a)
+    )
+    net = TimeMLP(2, (6,), compile_trace=True).double()
+    z0 = torch.randn(5, 2, dtype=torch.float64)
+    rk4 = SolverConfig(name="rk4", steps=3)
+    integrate(net, z0, solver=rk4, divergence=ExactDivergence(), kinetic=True, jacobian=True)
+    integrate(net, z0, solver=rk4.with_(adjoint=True), divergence=ExactDivergence())
+    assert used == []
+    integrate(net, z0, solver=rk4, divergence=ExactDivergence())
+    assert used == [1]
+
+
+_EAGER = ft._passes
+_PACKED_DYNAMICS = solve_module.PackedDynamics
 
 
 def test_fused_pass_refuses_a_double_backward() -> None:
@@ -136,23 +228,29 @@ def _ffjord(compile_: bool):
 @pytest.mark.slow
 def test_compiled_pass_trains_like_the_eager_one(monkeypatch) -> None:
     """``model.compile=true``: the same loss, gradients and NFE as the layered path (float32 round-off)."""
-    import cnf.fused_trace as ft
-
     used = []
     passes = ft._passes
-    monkeypatch.setattr(ft, "_passes", lambda compiled: used.append(compiled) or passes(compiled))
+    monkeypatch.setattr(
+        ft,
+        "_passes",
+        lambda compiled, packed=False: used.append(compiled) or passes(compiled, packed),
+    )
     torch.manual_seed(0)
     eager = _ffjord(False)
     compiled = _ffjord(True)
     compiled.load_state_dict(eager.state_dict())
     x = torch.randn(64, 2)
     results = []
+    torch._dynamo.reset()
     for model in (eager, compiled):
         out = model.training_loss(x)
         grads = torch.autograd.grad(out.loss, list(model.parameters()))
         results.append((out.loss.detach(), grads, out.stats["nfe_forward"]))
     (le, ge, ne), (lc, gc, nc) = results
     assert ne == nc
+    # One program per pass: the solve's first evaluation (a state without
+    # grad) and the later ones (with grad) share the forward's compilation.
+    assert torch._dynamo.utils.counters["stats"]["unique_graphs"] == 2
     torch.testing.assert_close(lc, le, rtol=1e-5, atol=1e-5)
     for a, b in zip(gc, ge):
         torch.testing.assert_close(a, b, rtol=1e-3, atol=1e-5)
