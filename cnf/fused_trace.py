@@ -29,6 +29,8 @@ in one node, so the solver carries one tensor instead of a tuple.
 
 from __future__ import annotations
 
+import math
+
 import torch
 from torch import Tensor
 from torch.autograd.function import once_differentiable
@@ -89,9 +91,10 @@ def _fused_forward(x: Tensor, t: Tensor, params: list[Tensor], spec: tuple):  # 
         if s is not None:
             p0 = p0 + s
         if li < depth - 1:
-            y, dy, ratio = _activate(act, beta, p0)
+            y, dy, _ratio = _activate(act, beta, p0)
             h = torch.cat([y.unsqueeze(0), pt * dy])
-            saved += [h, dy, ratio]
+            # tanh's act' and act''/act' follow from its output h[0]; softplus's from act'.
+            saved += [h] if act == "tanh" else [h, dy]
     f = p0
     jac = pt.expand(d, *f.shape)  # jac[i, b, j] = ∂f_j/∂x_i
     div = torch.diagonal(jac, dim1=0, dim2=2).sum(-1)
@@ -105,13 +108,13 @@ def _fused_backward(  # noqa: ANN202
     grad_frob: Tensor,
     x: Tensor,
     t: Tensor,
-    jac: Tensor,
+    jac: Tensor | None,
     params: list[Tensor],
     saved: list[Tensor],
     spec: tuple,
 ):
     """The adjoint of :func:`_fused_forward`: ``(grad_x, grad_t, parameter grads)``."""
-    kinds, _act, _beta, frobenius = spec
+    kinds, act, beta, frobenius = spec
     groups = _split(params, kinds)
     d, depth = x.shape[1], len(kinds)
     # The saved tensors of each layer, in the order the forward pass appended them.
@@ -123,8 +126,16 @@ def _fused_backward(  # noqa: ANN202
             entry["u0"], entry["ut"] = saved[j : j + 2]
             j += 2
         if li < depth - 1:
-            entry["h"], entry["dy"], entry["ratio"] = saved[j : j + 3]
-            j += 3
+            entry["h"] = saved[j]
+            if act == "tanh":
+                y = entry["h"][0]
+                entry["dy"] = torch.addcmul(torch.ones_like(y), y, y, value=-1.0)
+                entry["ratio"] = y * -2.0
+                j += 1
+            else:
+                entry["dy"] = saved[j + 1]
+                entry["ratio"] = (1.0 - entry["dy"]) * beta
+                j += 2
         per_layer.append(entry)
     # The gradient of the last pre-activation stack: row 0 from f, tangent rows
     # from tr J (the diagonal) and ‖J‖_F² (2 J).
@@ -231,7 +242,11 @@ def _passes(compiled: bool, packed: bool = False):  # noqa: ANN202
     if not compiled:
         return eager
     if packed not in _COMPILED:
-        _COMPILED[packed] = tuple(torch.compile(fn, fullgraph=True) for fn in eager)
+        # size_asserts off: the generated code would re-check every input's
+        # sizes and strides at each call, which dynamo's guards already did.
+        _COMPILED[packed] = tuple(
+            torch.compile(fn, fullgraph=True, options={"size_asserts": False}) for fn in eager
+        )
     return _COMPILED[packed]
 
 
@@ -263,14 +278,21 @@ def _param_grads(  # noqa: ANN202
     return out, grad_t
 
 
-def _packed_forward(
-    y: Tensor, s: Tensor, t0: Tensor, span: Tensor, params: list[Tensor], spec: tuple
-):  # noqa: ANN202
-    """The pass of :class:`PackedTrace`: ``(dy, f, div, jac, saved)``."""
+def _unflatten(flat: Tensor, shapes: tuple[tuple[int, ...], ...]) -> list[Tensor]:
+    """Views of ``flat`` with the parameters' shapes (:func:`packed_trace`'s order)."""
+    sizes = [math.prod(shape) for shape in shapes]
+    return [part.view(shape) for part, shape in zip(torch.split(flat, sizes), shapes)]
+
+
+def _packed_forward(y: Tensor, s: Tensor, t0: Tensor, span: Tensor, flat: Tensor, spec: tuple):  # noqa: ANN202
+    """The pass of :class:`PackedTrace`: ``(dy, f, div, saved)`` (no Frobenius norm, so no Jacobian kept)."""
+    fspec, shapes = spec
     d = y.shape[1] - 1
-    f, div, _frob, jac, saved = _fused_forward(y[:, :d], t0 + span * s, params, spec)
+    f, div, _frob, _jac, saved = _fused_forward(
+        y[:, :d], t0 + span * s, _unflatten(flat, shapes), fspec
+    )
     dy = torch.cat([f * span, (div * span).unsqueeze(1)], dim=1)
-    return dy, f, div, jac, saved
+    return dy, f, div, saved
 
 
 def _packed_backward(  # noqa: ANN202
@@ -281,57 +303,78 @@ def _packed_backward(  # noqa: ANN202
     span: Tensor,
     f: Tensor,
     div: Tensor,
-    jac: Tensor,
-    params: list[Tensor],
+    flat: Tensor,
     saved: list[Tensor],
     spec: tuple,
 ):
-    """The adjoint of :func:`_packed_forward`: ``(grad_y, grad_s, grad_t0, grad_span, parameter grads)``."""
+    """The adjoint of :func:`_packed_forward`: ``(grad_y, grad_s, grad_t0, grad_span, grad_flat)``."""
+    fspec, shapes = spec
     d = y.shape[1] - 1
     gf, gdiv = grad[:, :d], grad[:, d]
     grad_x, grad_t, grads = _fused_backward(
-        gf * span, gdiv * span, gdiv.new_zeros(0), y[:, :d], t0 + span * s, jac, params, saved, spec
+        gf * span,
+        gdiv * span,
+        gdiv.new_zeros(0),
+        y[:, :d],
+        t0 + span * s,
+        None,
+        _unflatten(flat, shapes),
+        saved,
+        fspec,
     )
     grad_span = (gf * f).sum() + torch.dot(gdiv, div) + grad_t * s
     # The derivative does not depend on the log-determinant column.
     grad_y = torch.cat([grad_x, torch.zeros_like(gdiv).unsqueeze(1)], dim=1)
-    return grad_y, grad_t * span, grad_t, grad_span, grads
+    grad_flat = torch.cat([g.reshape(-1) for g in grads])
+    return grad_y, grad_t * span, grad_t, grad_span, grad_flat
 
 
 class PackedTrace(torch.autograd.Function):
     """The CNF's augmented derivative on one packed state, in one autograd node.
 
-    ``apply(y, s, t0, span, spec, compiled, *params)``: ``y`` ``(B, D + 1)`` is
+    ``apply(y, s, t0, span, spec, compiled, flat)``: ``y`` ``(B, D + 1)`` is
     ``[z | log-determinant]``, ``s`` the solver's time in ``[0, 1]`` and the
     model time ``t = t0 + span·s`` (0-dim tensors); returns
-    ``[f(t, z)·span | tr ∂f/∂z·span]``, ``(B, D + 1)``. Same ``spec`` (with
-    ``frobenius`` false) and ``params`` as :class:`FusedTrace`, whose passes
-    it wraps. One tensor state instead of the tuple ``(z, logdet)`` spares
-    torchdiffeq's split and concatenation, and the time and span scaling
-    their own operators and graph nodes, at every function evaluation
+    ``[f(t, z)·span | tr ∂f/∂z·span]``, ``(B, D + 1)``. ``flat`` holds
+    :class:`FusedTrace`'s parameters end to end and ``spec`` is the pair
+    (:class:`FusedTrace`'s spec with ``frobenius`` false, the parameters'
+    shapes); see :func:`packed_trace`. One tensor state instead of the tuple
+    ``(z, logdet)`` spares torchdiffeq's split and concatenation, the time
+    and span scaling their own operators, and one flat parameter vector
+    (concatenated once per solve) the per-evaluation guards, gradient
+    buffers and accumulations of each parameter
     (:func:`cnf.solve.integrate` uses it where the field offers it).
     """
 
     @staticmethod
-    def forward(ctx, y, s, t0, span, spec, compiled, *params):  # noqa: ANN001, ANN205
+    def forward(ctx, y, s, t0, span, spec, compiled, flat):  # noqa: ANN001, ANN205
         forward, _ = _passes(compiled, packed=True)
         # Detached (as in FusedTrace): one compiled program for states with and without grad.
-        y, s, t0, span = y.detach(), s.detach(), t0.detach(), span.detach()
-        dy, f, div, jac, saved = forward(y, s, t0, span, list(params), spec)
-        ctx.spec, ctx.n_params, ctx.compiled = spec, len(params), compiled
-        ctx.save_for_backward(y, s, t0, span, f, div, jac, *params, *saved)
+        y, s, t0, span, flat = y.detach(), s.detach(), t0.detach(), span.detach(), flat.detach()
+        dy, f, div, saved = forward(y, s, t0, span, flat, spec)
+        ctx.spec, ctx.compiled = spec, compiled
+        ctx.save_for_backward(y, s, t0, span, f, div, flat, *saved)
         return dy
 
     @staticmethod
     @once_differentiable
     def backward(ctx, grad: Tensor):  # noqa: ANN001, ANN205
-        y, s, t0, span, f, div, jac, *rest = ctx.saved_tensors
-        params, saved = rest[: ctx.n_params], rest[ctx.n_params :]
+        y, s, t0, span, f, div, flat, *saved = ctx.saved_tensors
         _, backward = _passes(ctx.compiled, packed=True)
-        grad_y, grad_s, grad_t0, grad_span, grads = backward(
-            grad, y, s, t0, span, f, div, jac, list(params), list(saved), ctx.spec
+        grad_y, grad_s, grad_t0, grad_span, grad_flat = backward(
+            grad, y, s, t0, span, f, div, flat, list(saved), ctx.spec
         )
-        return (grad_y, grad_s, grad_t0, grad_span, None, None, *grads)
+        return grad_y, grad_s, grad_t0, grad_span, None, None, grad_flat
+
+
+def packed_spec(spec: tuple[tuple[str, ...], str, float], params: list[Tensor]) -> tuple:
+    """:class:`PackedTrace`'s ``spec`` for :func:`fused_spec`'s ``spec`` and the parameters."""
+    return (*spec, False), tuple(tuple(p.shape) for p in params)
+
+
+def flat_params(params: list[Tensor]) -> Tensor:
+    """The parameters end to end, one vector (differentiable: its gradient flows back to each)."""
+    return torch.cat([p.reshape(-1) for p in params])
 
 
 def packed_trace(
@@ -344,16 +387,18 @@ def packed_trace(
     *,
     compiled: bool = False,
 ) -> Tensor:
-    """``[f·span | tr ∂f/∂z·span]`` of the packed state ``y = [z | logdet]`` by :class:`PackedTrace`."""
-    kinds, act, beta = spec
+    """``[f·span | tr ∂f/∂z·span]`` of the packed state ``y = [z | logdet]`` by :class:`PackedTrace`.
+
+    ``spec`` is :func:`fused_spec`'s, ``params`` :func:`fused_params`'s.
+    """
     return PackedTrace.apply(
         y,
         s.reshape(()),
         t0.reshape(()),
         span.reshape(()),
-        (kinds, act, beta, False),
+        packed_spec(spec, params),
         bool(compiled),
-        *params,
+        flat_params(params),
     )
 
 

@@ -33,9 +33,11 @@ from cnf.fused_trace import (
     FUSED_ACTIVATIONS,
     FUSED_LAYERS,
     PackedTrace,
+    flat_params,
     fused_params,
     fused_spec,
     fused_trace,
+    packed_spec,
 )
 from cnf.registry import Registry
 
@@ -376,11 +378,14 @@ class TimeMLP(nn.Module):
         if not self.compile_trace:
             return None
         # Built per solve: the parameters are the same tensors for all its
-        # evaluations, and the times are 0-dim (cnf.solve.PackedDynamics).
-        spec, params = (*self._fused_spec, False), fused_params(self.layers)
+        # evaluations (concatenated here once, their gradients split once at
+        # the end of the backward pass), and the times are 0-dim
+        # (cnf.solve.PackedDynamics).
+        params = fused_params(self.layers)
+        spec, flat = packed_spec(self._fused_spec, params), flat_params(params)
 
         def derivative(y: Tensor, s: Tensor, t0: Tensor, span: Tensor) -> Tensor:
-            return PackedTrace.apply(y, s, t0, span, spec, True, *params)
+            return PackedTrace.apply(y, s, t0, span, spec, True, flat)
 
         return derivative
 

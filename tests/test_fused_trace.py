@@ -22,7 +22,9 @@ from cnf.fused_trace import (
     FUSED_LAYERS,
     FusedTrace,
     PackedTrace,
+    flat_params,
     fused_params,
+    packed_spec,
     packed_trace,
 )
 from cnf.models.ffjord import ODESettings, build_ffjord
@@ -86,17 +88,18 @@ def test_packed_pass_passes_gradcheck() -> None:
     """``[f·span | tr J·span]`` at ``t0 + span·s``: every input's gradient by finite differences."""
     torch.manual_seed(2)
     net = TimeMLP(2, (4, 3), layer="concatsquash", activation="tanh").double()
-    spec = (*net._fused_spec, False)
-    params = [p.detach().clone().requires_grad_(True) for p in fused_params(net.layers)]
+    params = fused_params(net.layers)
+    spec = packed_spec(net._fused_spec, params)
+    flat = flat_params(params).detach().clone().requires_grad_(True)
     y = torch.randn(3, 3, dtype=torch.float64, requires_grad=True)
     s, t0, span = (
         torch.tensor(v, dtype=torch.float64, requires_grad=True) for v in (0.3, 0.1, -0.7)
     )
 
-    def fn(y, s, t0, span, *ps):
-        return PackedTrace.apply(y, s, t0, span, spec, False, *ps)
+    def fn(y, s, t0, span, flat):
+        return PackedTrace.apply(y, s, t0, span, spec, False, flat)
 
-    assert torch.autograd.gradcheck(fn, (y, s, t0, span, *params))
+    assert torch.autograd.gradcheck(fn, (y, s, t0, span, flat))
 
 
 def test_packed_pass_is_the_scaled_fused_pass() -> None:
