@@ -87,7 +87,8 @@ def _fused_forward(x: Tensor, t: Tensor, params: list[Tensor], spec: tuple):  # 
             p0, pt = u0, ut
         else:
             p0, pt = u0 * g, ut * g
-            saved += [u0, ut]
+            # (The first layer's tangent rows are Wᵀ itself: not kept.)
+            saved += [u0, ut] if li else [u0]
         if s is not None:
             p0 = p0 + s
         if li < depth - 1:
@@ -123,8 +124,10 @@ def _fused_backward(  # noqa: ANN202
     for li, kind in enumerate(kinds):
         entry: dict[str, Tensor] = {}
         if kind in ("squash", "concatsquash"):
-            entry["u0"], entry["ut"] = saved[j : j + 2]
-            j += 2
+            entry["u0"] = saved[j]
+            if li:
+                entry["ut"] = saved[j + 1]
+            j += 2 if li else 1
         if li < depth - 1:
             entry["h"] = saved[j]
             if act == "tanh":
@@ -155,9 +158,8 @@ def _fused_backward(  # noqa: ANN202
         if li == 0:
             gpt = gpt.sum(1)  # the tangent rows of the first layer are the same for every sample
         if g is not None:
-            u0, ut = per_layer[li]["u0"], per_layer[li]["ut"]
-            if li == 0:
-                ut = ut.squeeze(1)
+            u0 = per_layer[li]["u0"]
+            ut = per_layer[li]["ut"] if li else w.t()
             gg = (gp0 * u0).sum(0) + (gpt * ut).reshape(-1, ut.shape[-1]).sum(0)
             gu0, gut = gp0 * g, gpt * g
         else:
