@@ -259,8 +259,7 @@ class PackedDynamics(nn.Module):
 
 def packed_controller_norm(y: Tensor) -> Tensor:
     """:func:`controller_norm` of a packed state ``[z | logdet]``: the same steps as the tuple."""
-    y = y.detach()
-    return torch.maximum(y[..., :-1].pow(2).mean().sqrt(), y[..., -1].pow(2).mean().sqrt())
+    return controller_norm((y[..., :-1], y[..., -1]))
 
 
 def _uniform_grid(steps: int) -> Callable[[Any, Tensor, Tensor], Tensor]:
